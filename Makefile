@@ -1,0 +1,45 @@
+# Explainable image classification on TorchServe: prediction + DVE + targeted DVE.
+#   make serve   install what is missing, build the default archive, start TorchServe
+#   make stop    stop it
+#   make test    unit and integration tests (starts its own TorchServe on other ports)
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HANDLER_SOURCES := $(wildcard handler/*.py)
+
+.PHONY: serve stop test install install-dev archives samples clean
+
+$(VENV)/.runtime: requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	@touch $@
+
+install: $(VENV)/.runtime
+install-dev: $(VENV)/.dev
+
+model_store/efficientnet_lite0.mar: $(VENV)/.runtime $(HANDLER_SOURCES) scripts/build_mar.py
+	$(PY) scripts/build_mar.py efficientnet_lite0
+
+archives: model_store/efficientnet_lite0.mar
+
+samples: $(VENV)/.runtime
+	@$(PY) scripts/samples.py > /dev/null
+
+serve: archives samples
+	$(PY) scripts/server.py start --models efficientnet_lite0
+
+stop:
+	@if test -x $(PY); then $(PY) scripts/server.py stop; else echo "nothing to stop"; fi
+
+# pytest exits 5 when it collected no test: that is a failure here, never a pass.
+test: $(VENV)/.dev
+	$(PY) -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
+
+clean:
+	rm -rf build model_store .pytest_cache

@@ -1,0 +1,132 @@
+"""TorchServe handler: every response carries the prediction *and* its explanations.
+
+It follows the shape of TorchServe's ``BaseHandler`` (initialize, preprocess, inference,
+postprocess) and fixes two things the stock handlers get wrong for this use:
+
+* every request of a batch is read on its own (the stock handler lets request 0 decide
+  the options of the whole batch) and is answered with its own status;
+* ``/predictions`` and ``/explanations`` return the same thing: the prediction joined
+  by DVE and targeted DVE, never an explanation instead of the prediction.
+
+The work itself is in ``handler.explainer`` (no TorchServe import), so tests and
+offline tools run exactly this code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handler.config import ServingConfig
+from handler.errors import RequestError
+from handler.explainer import Explainer, Result
+from handler.models import imagenet_labels, read_labels
+from handler.options import ParsedRequest, parse_request
+
+logger = logging.getLogger(__name__)
+
+LABELS_FILE = "index_to_name.json"
+
+
+class DVEHandler:
+    """Prediction + DVE + targeted DVE in one call, per request, for a whole batch."""
+
+    def __init__(self) -> None:
+        self.explainer: Explainer | None = None
+        self.initialized = False
+
+    def initialize(self, context) -> None:
+        """Loads the model named in ``model-config.yaml`` and finds the layer to explain."""
+        properties = context.system_properties
+        model_dir = Path(properties["model_dir"])
+        manifest = context.manifest["model"]
+        config = ServingConfig.from_mapping((getattr(context, "model_yaml_config", None) or {}).get("handler"))
+        gpu_id = properties.get("gpu_id")
+        device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
+        labels_file = model_dir / LABELS_FILE
+        labels = read_labels(labels_file) if labels_file.exists() else _default_labels(config.num_classes)
+        model_file = manifest.get("modelFile")
+        self.explainer = Explainer.from_files(
+            config,
+            weights=model_dir / manifest["serializedFile"],
+            labels=labels,
+            device=device,
+            model_file=model_dir / model_file if model_file else None,
+        )
+        logger.info(
+            "DVE handler ready: %s on %s, explaining layer %s with feature maps %s",
+            config.architecture,
+            device,
+            self.explainer.layer,
+            self.explainer.feature_shape,
+        )
+        self.initialized = True
+
+    def preprocess(self, data: list[dict[str, Any]], context) -> list[ParsedRequest | RequestError]:
+        """Parses each request's image and options; a bad one becomes its own error."""
+        config = self.explainer.config
+        parsed: list[ParsedRequest | RequestError] = []
+        for idx, request in enumerate(data):
+            try:
+                parsed.append(
+                    parse_request(
+                        request,
+                        content_type=_body_content_type(context, idx, request),
+                        defaults=config.defaults,
+                        limits=config.limits,
+                        num_classes=config.num_classes,
+                    )
+                )
+            except RequestError as error:
+                parsed.append(error)
+        return parsed
+
+    def inference(self, requests: list[ParsedRequest | RequestError]) -> list[Result]:
+        """Decodes, runs one forward pass with the hook and one batched DVE, encodes."""
+        return self.explainer.run(requests)
+
+    def postprocess(self, results: list[Result], context) -> list[bytes]:
+        """Compact JSON per request, with that request's own HTTP status."""
+        responses = []
+        for idx, result in enumerate(results):
+            context.set_response_content_type(idx, "application/json")
+            if result.status != 200:
+                context.set_response_status(result.status, result.body["message"], idx)
+            responses.append(result.to_bytes())
+        return responses
+
+    def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
+        """TorchServe's entry point: one JSON response per request, in order."""
+        start = time.perf_counter()
+        responses = self.postprocess(self.inference(self.preprocess(data, context)), context)
+        timings = self.explainer.timings
+        metrics = context.metrics
+        metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000.0, 2), None, "ms")
+        logger.debug(
+            "batch of %d (%d ok): decode %.1f ms, forward %.1f ms, dve %.1f ms, encode %.1f ms",
+            len(data),
+            timings.batch_size,
+            timings.decode,
+            timings.forward,
+            timings.dve,
+            timings.encode,
+        )
+        return responses
+
+
+def _body_content_type(context, idx: int, request: dict[str, Any]) -> str | None:
+    """The Content-Type of a request's body, as the frontend recorded it."""
+    for key in ("body", "data"):
+        if key in request:
+            header = context.get_request_header(idx, key)
+            if isinstance(header, dict):
+                return header.get("content-type")
+    return None
+
+
+def _default_labels(num_classes: int) -> list[str]:
+    return imagenet_labels() if num_classes == 1000 else [str(i) for i in range(num_classes)]

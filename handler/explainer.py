@@ -1,0 +1,228 @@
+"""Prediction + DVE + targeted DVE for a batch of requests, independent of TorchServe.
+
+``Explainer`` is what the TorchServe handler runs and what offline tools run: one
+forward pass per batch with a hook on the explained layer, DVE for the whole batch on
+the model's device, then one JSON response per request. A request that fails (bad
+image, bad option) gets its own error; the rest of the batch is unaffected.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from handler import dve, imaging
+from handler.config import ServingConfig
+from handler.errors import RequestError
+from handler.layers import FeatureCapture, resolve_feature_layer
+from handler.models import CUSTOM, build_model, load_weights
+from handler.options import ParsedRequest, RequestOptions
+
+ARRAY_DECIMALS = 4
+ERROR_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError"}
+
+
+@dataclass
+class PreparedImage:
+    """One request, decoded and cropped, ready for the batch.
+
+    Attributes:
+        options: what the request asked for.
+        geometry: where the model's crop lies in the original image.
+        pixels: the model's input crop, H x W x 3 uint8 on the host.
+        photo: the decoded photo, kept only when an overlay must be drawn on it.
+    """
+
+    options: RequestOptions
+    geometry: imaging.CropGeometry
+    pixels: torch.Tensor
+    photo: Image.Image | None
+
+
+@dataclass(frozen=True)
+class Result:
+    """One request's answer: HTTP status and JSON body."""
+
+    status: int
+    body: dict[str, Any]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def error(cls, error: RequestError) -> "Result":
+        """The body TorchServe itself uses for errors: code, type and message."""
+        kind = ERROR_TYPES.get(error.status, "Error")
+        return cls(error.status, {"code": error.status, "type": kind, "message": str(error)})
+
+
+@dataclass
+class Timings:
+    """Milliseconds spent by the last batch in each stage."""
+
+    decode: float = 0.0
+    forward: float = 0.0
+    dve: float = 0.0
+    encode: float = 0.0
+    batch_size: int = 0
+
+
+class Explainer:
+    """Serves one model: predictions and explanations for batches of parsed requests."""
+
+    def __init__(self, model: nn.Module, config: ServingConfig, labels: list[str], device: torch.device) -> None:
+        if len(labels) != config.num_classes:
+            raise ValueError(f"{len(labels)} labels for {config.num_classes} classes")
+        self.config = config
+        self.labels = labels
+        self.device = device
+        self.model = model.to(device).eval()
+        size = config.crop_size
+        self.input_size = (size, size)
+        self.layer, self.feature_shape = resolve_feature_layer(
+            self.model, torch.zeros(1, 3, size, size, device=device), config.target_layer
+        )
+        self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
+        self.timings = Timings()
+
+    @classmethod
+    def from_files(
+        cls,
+        config: ServingConfig,
+        *,
+        weights: str | Path,
+        labels: list[str],
+        device: torch.device,
+        model_file: str | Path | None = None,
+    ) -> "Explainer":
+        """Builds the model named by ``config``, loads its state dict and wraps it."""
+        model = build_model(
+            config.architecture,
+            config.num_classes,
+            model_file=model_file if config.architecture == CUSTOM else None,
+            model_class=config.model_class,
+            model_kwargs=config.model_kwargs,
+        )
+        return cls(load_weights(model, weights), config, labels, device)
+
+    def prepare(self, request: ParsedRequest) -> PreparedImage:
+        """Decodes one request's image and cuts the model's crop (raises RequestError)."""
+        limits = self.config.limits
+        decoded = imaging.decode_image(request.image, max_pixels=limits.max_image_pixels, short_side=self.config.resize_size)
+        geometry = imaging.CropGeometry.centre_crop(decoded.width, decoded.height, self.config.resize_size, self.config.crop_size)
+        options = request.options
+        if options.format == "array" and options.explanations:
+            width, height = geometry.map_size(options.map_size)
+            values = width * height * len(options.explanations)
+            if values > limits.max_array_values:
+                raise RequestError(
+                    f"format 'array' would return {values} values for this {decoded.width} x {decoded.height} image; "
+                    f"the limit is {limits.max_array_values}: ask for a smaller map_size or format 'png'"
+                )
+        pixels = imaging.model_input(decoded, geometry)
+        photo = decoded.image if options.format == "overlay" and options.explanations else None
+        return PreparedImage(options, geometry, pixels, photo)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the explained layer's feature maps for a uint8 batch (B x H x W x 3)."""
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        x = (x - self.mean) / self.std
+        with torch.inference_mode(), FeatureCapture(self.model, self.layer) as capture:
+            logits = self.model(x)
+        return logits, capture.features
+
+    def run(self, requests: list[ParsedRequest | RequestError]) -> list[Result]:
+        """Answers a batch: errors stay errors, the rest share one forward pass."""
+        timings = Timings()
+        start = time.perf_counter()
+        prepared: list[PreparedImage | RequestError] = []
+        for request in requests:
+            try:
+                prepared.append(request if isinstance(request, RequestError) else self.prepare(request))
+            except RequestError as error:
+                prepared.append(error)
+        ok = [i for i, item in enumerate(prepared) if isinstance(item, PreparedImage)]
+        timings.decode = _ms_since(start)
+        results = [Result.error(item) if isinstance(item, RequestError) else None for item in prepared]
+        if ok:
+            for i, result in zip(ok, self._answer([prepared[i] for i in ok], timings)):
+                results[i] = result
+        timings.batch_size = len(ok)
+        self.timings = timings
+        return results  # type: ignore[return-value]
+
+    def _answer(self, batch: list[PreparedImage], timings: Timings) -> list[Result]:
+        """One forward pass and one batched DVE for prepared requests, then encoding."""
+        start = time.perf_counter()
+        logits, features = self.forward(torch.stack([item.pixels for item in batch]))
+        probabilities = logits.float().softmax(dim=1)
+        k = max(item.options.topk for item in batch)
+        top_p, top_i = (t.cpu() for t in probabilities.topk(k, dim=1))
+        _sync(self.device)
+        timings.forward = _ms_since(start)
+
+        start = time.perf_counter()
+        explanation = None
+        if any(item.options.explanations for item in batch):
+            explanation = dve.explain(features, self.config.dve, self.input_size)
+            boxes = explanation.boxes.cpu().tolist()
+            box_valid = explanation.box_valid.cpu().tolist()
+        _sync(self.device)
+        timings.dve = _ms_since(start)
+
+        start = time.perf_counter()
+        results = []
+        for b, item in enumerate(batch):
+            body: dict[str, Any] = {
+                "predictions": [
+                    {"index": int(index), "label": self.labels[index], "probability": round(float(p), 6)}
+                    for p, index in zip(top_p[b, : item.options.topk].tolist(), top_i[b, : item.options.topk].tolist())
+                ],
+                "image": {"width": item.geometry.width, "height": item.geometry.height},
+                "explanations": {},
+                "layer": str(self.layer),
+            }
+            if explanation is not None:
+                maps = {"dve": explanation.dve[b], "targeted_dve": explanation.targeted[b]}
+                for name in item.options.explanations:
+                    entry = self._render(maps[name], item)
+                    if name == "targeted_dve":
+                        entry["box"] = item.geometry.box_to_original(boxes[b]) if box_valid[b] else None
+                    body["explanations"][name] = entry
+            results.append(Result(200, body))
+        timings.encode = _ms_since(start)
+        return results
+
+    def _render(self, explanation: torch.Tensor, item: PreparedImage) -> dict[str, Any]:
+        width, height = item.geometry.map_size(item.options.map_size)
+        drawn = imaging.render_map(explanation, item.geometry, (width, height))
+        entry: dict[str, Any] = {"format": item.options.format, "width": width, "height": height}
+        if item.options.format == "array":
+            entry["data"] = drawn.cpu().numpy().round(ARRAY_DECIMALS).tolist()
+            return entry
+        gray = imaging.to_uint8(drawn)
+        picture = imaging.overlay(item.photo, gray) if item.options.format == "overlay" else gray
+        entry["data"] = _b64(imaging.encode_png(picture))
+        return entry
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _ms_since(start: float) -> float:
+    return (time.perf_counter() - start) * 1000.0

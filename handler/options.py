@@ -1,0 +1,176 @@
+"""Per-request input: the image and the options, from any body TorchServe hands over.
+
+A request arrives in one of three shapes (TorchServe decodes the body by its
+Content-Type before the handler sees it):
+
+* a raw image body (``image/jpeg``, ``application/octet-stream``, ...): ``{"body": bytes}``,
+  every option at its default;
+* a JSON object (``application/json``): ``{"body": {"image": "<base64>", "topk": 3, ...}}``;
+* multipart form fields (``multipart/form-data``): ``{"image": bytes, "topk": "3", ...}``.
+
+Every problem becomes a ``RequestError`` carrying the HTTP status for that one request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from handler.config import EXPLANATIONS, FORMATS, Limits, RequestDefaults
+from handler.errors import RequestError
+
+OPTION_NAMES = ("topk", "explanations", "format", "map_size")
+BODY_KEYS = ("body", "data")
+MIN_MAP_SIZE = 8
+
+
+@dataclass(frozen=True)
+class RequestOptions:
+    """What one request asked for.
+
+    Attributes:
+        topk: how many classes to return, most probable first.
+        explanations: which maps to return: a subset of ``("dve", "targeted_dve")``.
+        format: ``png`` (8-bit gray map), ``overlay`` (colour map over the photo, PNG)
+            or ``array`` (floats in [0, 1], row-major lists).
+        map_size: long side of the returned maps in pixels; None for the original size.
+    """
+
+    topk: int
+    explanations: tuple[str, ...]
+    format: str
+    map_size: int | None
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    image: bytes
+    options: RequestOptions
+
+
+def parse_request(
+    data: Mapping[str, Any],
+    *,
+    content_type: str | None,
+    defaults: RequestDefaults,
+    limits: Limits,
+    num_classes: int,
+) -> ParsedRequest:
+    """Extracts and validates the image bytes and options of one request.
+
+    Args:
+        data: the request as TorchServe passes it to ``handle`` (one list entry).
+        content_type: the body's Content-Type, if known.
+        defaults: values of the options the request leaves out.
+        limits: size bounds.
+        num_classes: the model's number of classes (bounds ``topk``).
+    """
+    fields = _fields(data, content_type)
+    unknown = sorted(set(fields) - {"image", *OPTION_NAMES})
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; allowed: {['image', *OPTION_NAMES]}")
+    if fields.get("image") is None:
+        raise RequestError("the request has no image: send the image as the body, as a JSON field 'image' (base64) or as a multipart field 'image'")
+    image = _image_bytes(fields["image"])
+    if len(image) > limits.max_image_bytes:
+        raise RequestError(f"image is {len(image)} bytes; the limit is {limits.max_image_bytes}", 413)
+    options = RequestOptions(
+        topk=_topk(fields.get("topk", defaults.topk), num_classes),
+        explanations=_explanations(fields.get("explanations", defaults.explanations)),
+        format=_format(fields.get("format", defaults.format)),
+        map_size=_map_size(fields.get("map_size", defaults.map_size), limits),
+    )
+    return ParsedRequest(image, options)
+
+
+def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]:
+    body_keys = [key for key in BODY_KEYS if key in data]
+    if not body_keys:
+        return {key: _text_field(value) if key != "image" else value for key, value in data.items()}
+    if len(data) > 1:
+        raise RequestError(f"send either a body or form fields, not both (got {sorted(data)})")
+    body = data[body_keys[0]]
+    if isinstance(body, Mapping):
+        return dict(body)
+    is_json = content_type is not None and content_type.split(";")[0].strip().lower() == "application/json"
+    if is_json:
+        if isinstance(body, (bytes, bytearray)):
+            raise RequestError("the body is declared application/json but is not valid JSON")
+        raise RequestError("a JSON body must be an object such as {\"image\": \"<base64>\", \"topk\": 5}")
+    return {"image": body}
+
+
+def _text_field(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError("form fields other than 'image' must be UTF-8 text") from None
+    return value
+
+
+def _image_bytes(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("data:") and "," in text:
+            text = text.split(",", 1)[1]
+        try:
+            return base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError("'image' is not valid base64") from None
+    raise RequestError(f"'image' must be base64 text or bytes, not {type(value).__name__}")
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise RequestError(f"'{name}' must be an integer, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
+        return int(value)
+    raise RequestError(f"'{name}' must be an integer, got {value!r}")
+
+
+def _topk(value: Any, num_classes: int) -> int:
+    topk = _int(value, "topk")
+    if not 1 <= topk <= num_classes:
+        raise RequestError(f"'topk' must lie between 1 and {num_classes} (the model's classes), got {topk}")
+    return topk
+
+
+def _explanations(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise RequestError(f"'explanations' is not a valid JSON list: {text!r}") from None
+        else:
+            value = [] if text.lower() in ("", "none") else [part.strip() for part in text.split(",")]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"'explanations' must be a list drawn from {list(EXPLANATIONS)}, got {value!r}")
+    unknown = sorted(set(value) - set(EXPLANATIONS))
+    if unknown:
+        raise RequestError(f"unknown explanation(s) {unknown}; choose from {list(EXPLANATIONS)} or [] for none")
+    return tuple(name for name in EXPLANATIONS if name in value)
+
+
+def _format(value: Any) -> str:
+    if value not in FORMATS:
+        raise RequestError(f"'format' must be one of {list(FORMATS)}, got {value!r}")
+    return value
+
+
+def _map_size(value: Any, limits: Limits) -> int | None:
+    if value == "original":
+        return None
+    size = _int(value, "map_size")
+    if not MIN_MAP_SIZE <= size <= limits.max_map_size:
+        raise RequestError(f"'map_size' must be \"original\" or lie between {MIN_MAP_SIZE} and {limits.max_map_size}, got {size}")
+    return size

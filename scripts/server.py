@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Start, wait for and stop a TorchServe serving this project's archives.
+
+    python scripts/server.py start [--models efficientnet_lite0] [--run-dir build/serve]
+    python scripts/server.py stop  [--run-dir build/serve]
+
+``start`` runs ``torchserve --start`` from the run folder, so its logs, PID file and
+token file (``key_file.json``) stay there, and waits until every model's workers are
+READY according to the management API: ``/ping`` says Healthy even while workers
+crash-loop. It then prints a request that works. With ``--port-base N`` the four ports
+become N..N+3 (and gRPC N+4, N+5), so a second server (tests) can run beside the first.
+The integration tests use the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = ROOT / "config.properties"
+DEFAULT_RUN_DIR = ROOT / "build" / "serve"
+DEFAULT_STORE = ROOT / "model_store"
+KEY_FILE = "key_file.json"
+
+
+class ServerError(RuntimeError):
+    """TorchServe did not come up, or stopped; the message says what to look at."""
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where a running TorchServe listens, and where its files are."""
+
+    run_dir: Path
+    inference_url: str
+    management_url: str
+    metrics_url: str
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / KEY_FILE
+
+    def token(self, kind: str = "inference") -> str:
+        """The current ``inference`` or ``management`` key from TorchServe's key file."""
+        return json.loads(self.key_file.read_text())[kind]["key"]
+
+    @property
+    def log_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """The key=value lines of a Java properties file (comments skipped)."""
+    properties = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def write_config(base: Path, run_dir: Path, port_base: int | None) -> tuple[Path, dict[str, str]]:
+    """The config the server runs with: ``base``, with other ports if asked."""
+    properties = read_properties(base)
+    if port_base is not None:
+        properties.update(
+            inference_address=f"http://127.0.0.1:{port_base}",
+            management_address=f"http://127.0.0.1:{port_base + 1}",
+            metrics_address=f"http://127.0.0.1:{port_base + 2}",
+            grpc_inference_port=str(port_base + 4),
+            grpc_management_port=str(port_base + 5),
+        )
+    config = run_dir / "config.properties"
+    config.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+    return config, properties
+
+
+def _torchserve() -> str:
+    local = Path(sys.executable).parent / "torchserve"
+    found = str(local) if local.exists() else shutil.which("torchserve")
+    if not found:
+        raise ServerError("torchserve is not installed: run `make serve`, which installs it into .venv")
+    if not shutil.which("java"):
+        raise ServerError("TorchServe needs Java 17 (`java` is not on PATH): install a JDK 17, e.g. `apt-get install openjdk-17-jdk-headless`")
+    return found
+
+
+def _environment(run_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # TEMP holds the PID file: one per run folder, so servers do not see each other.
+    env.update(TEMP=str(run_dir), LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
+    return env
+
+
+def start(
+    models: list[str],
+    *,
+    run_dir: Path = DEFAULT_RUN_DIR,
+    config: Path = DEFAULT_CONFIG,
+    model_store: Path = DEFAULT_STORE,
+    port_base: int | None = None,
+    timeout: float = 300.0,
+) -> Server:
+    """Starts TorchServe with ``models`` (names of ``<name>.mar`` in the store), waits for READY."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    missing = [name for name in models if not (Path(model_store) / f"{name}.mar").exists()]
+    if missing:
+        raise ServerError(f"no archive for {missing} in {model_store}: build it with scripts/build_mar.py")
+    config_file, properties = write_config(Path(config), run_dir, port_base)
+    server = Server(
+        run_dir,
+        properties["inference_address"],
+        properties["management_address"],
+        properties["metrics_address"],
+    )
+    command = [
+        _torchserve(),
+        "--start",
+        "--ncs",  # no config snapshot: start exactly what is asked, every time
+        "--ts-config", str(config_file),
+        "--model-store", str(Path(model_store).resolve()),
+        "--models", *[f"{name}={name}.mar" for name in models],
+    ]
+    with open(run_dir / "torchserve.out", "ab") as out:
+        subprocess.run(command, cwd=run_dir, env=_environment(run_dir), stdout=out, stderr=subprocess.STDOUT, check=True)
+    try:
+        wait_ready(server, models, timeout)
+    except ServerError:
+        stop(run_dir)
+        raise
+    return server
+
+
+def _get(url: str, token: str | None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def wait_ready(server: Server, models: list[str], timeout: float) -> None:
+    """Polls the management API until each model has a READY worker."""
+    deadline = time.monotonic() + timeout
+    pending = list(models)
+    while pending:
+        if time.monotonic() > deadline:
+            raise ServerError(f"models {pending} not READY after {timeout:.0f} s; see {server.log_dir}/model_log.log and ts_log.log")
+        if not _running(server.run_dir):
+            raise ServerError(f"TorchServe exited; see {server.run_dir}/torchserve.out and {server.log_dir}/ts_log.log")
+        try:
+            if server.key_file.exists():
+                status, body = _get(f"{server.management_url}/models/{pending[0]}", server.token("management"))
+                if status == 200 and any(w.get("status") == "READY" for w in json.loads(body)[0].get("workers", [])):
+                    pending.pop(0)
+                    continue
+        except (urllib.error.URLError, OSError, ValueError, KeyError):
+            pass  # not listening yet, or the key file is being written
+        time.sleep(0.5)
+
+
+def _pid(run_dir: Path) -> int | None:
+    pid_file = Path(run_dir) / ".model_server.pid"
+    try:
+        return int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _running(run_dir: Path) -> bool:
+    pid = _pid(run_dir)
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 60.0) -> bool:
+    """Stops the TorchServe of ``run_dir`` and waits for it to exit; False if none ran."""
+    run_dir = Path(run_dir).resolve()
+    if not _running(run_dir):
+        return False
+    subprocess.run([_torchserve(), "--stop"], cwd=run_dir, env=_environment(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    deadline = time.monotonic() + timeout
+    while _running(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    if _running(run_dir):
+        os.kill(_pid(run_dir), 9)
+    return True
+
+
+def example_request(server: Server, model: str, image: Path) -> str:
+    """A curl command that works against ``server`` (token inline)."""
+    host = re.sub(r"^https?://", "", server.inference_url)
+    return (
+        f"curl -s http://{host}/predictions/{model} \\\n"
+        f"  -H 'Authorization: Bearer {server.token()}' \\\n"
+        f"  -H 'Content-Type: image/jpeg' --data-binary @{image}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["start", "stop"])
+    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0"], help="archive names in the model store")
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    parser.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
+    parser.add_argument("--port-base", type=int, help="use ports N..N+5 instead of config.properties'")
+    parser.add_argument("--example-image", type=Path, default=ROOT / "build" / "samples" / "chelsea.jpg")
+    args = parser.parse_args(argv)
+    if args.action == "stop":
+        print("TorchServe stopped" if stop(args.run_dir) else f"no TorchServe running from {args.run_dir}")
+        return 0
+    if _running(args.run_dir.resolve()):
+        print(f"TorchServe already runs from {args.run_dir}; `make stop` first to restart it", file=sys.stderr)
+        return 1
+    try:
+        server = start(args.models, run_dir=args.run_dir, config=args.config, model_store=args.model_store, port_base=args.port_base)
+    except ServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"TorchServe is up at {server.inference_url} (logs and key_file.json in {server.run_dir})")
+    print(f"models READY: {', '.join(args.models)}\n\nTry it:\n")
+    print(example_request(server, args.models[0], args.example_image.resolve()))
+    print(f"\nor, to save the maps as PNG files:\n\n  .venv/bin/python scripts/client.py {args.example_image} --out build/client")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
