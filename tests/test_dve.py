@@ -1,0 +1,152 @@
+"""DVE math against a slow, obviously-correct numpy reference written from the formulas."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from handler import dve
+from handler.dve import DVEParams
+
+
+def reference_gaussian(h: int, w: int, sigma: float) -> np.ndarray:
+    """G_s(u, v) on the integer frequency grid in FFT order, one entry at a time."""
+    g = np.zeros((h, w))
+    for i in range(h):
+        for j in range(w):
+            u = i if i <= h // 2 else i - h  # FFT order: 0, 1, ..., -2, -1 (sign moot: squared)
+            v = j if j <= w // 2 else j - w
+            g[i, j] = np.exp(-(u * u + v * v) / (2 * sigma * sigma))
+    return g
+
+
+def reference_band_product(x: np.ndarray, s1: float, s2: float) -> np.ndarray:
+    """Re F^-1(F(x) G_s1) * Re F^-1(F(x) (1 - G_s2)) with the full complex FFT."""
+    h, w = x.shape
+    spectrum = np.fft.fft2(x)
+    low = np.real(np.fft.ifft2(spectrum * reference_gaussian(h, w, s1)))
+    high = np.real(np.fft.ifft2(spectrum * (1 - reference_gaussian(h, w, s2))))
+    return low * high
+
+
+def reference_psi(s: np.ndarray, mode: str, q: float) -> np.ndarray:
+    if mode == "none":
+        return s
+    tau = s.mean() if mode == "mean" else np.quantile(s, q)
+    return np.where(s >= tau, s, 0.0)
+
+
+def reference_dve(features: np.ndarray, p: DVEParams) -> np.ndarray:
+    """Algorithm 1, one image and one feature map at a time."""
+    maps = []
+    for image in features:
+        s = np.zeros(image.shape[1:])
+        for channel in image:
+            s += reference_band_product(channel, p.sigma_low, p.sigma_high)
+        maps.append(reference_psi(s, p.psi, p.psi_quantile))
+    return np.stack(maps)
+
+
+def reference_targeted(dve_maps: np.ndarray, p: DVEParams) -> np.ndarray:
+    return np.stack([reference_psi(reference_band_product(s, p.sigma_low, p.sigma_high), p.psi, p.psi_quantile) for s in dve_maps])
+
+
+def random_features(b=3, c=16, h=7, w=7, seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # Post-ReLU-like activations: non-negative, with some spatial structure.
+    return torch.relu(torch.randn(b, c, h, w, generator=generator, dtype=torch.float64)).float()
+
+
+PARAMS = [
+    DVEParams(),
+    DVEParams(sigma_low=1.0, sigma_high=0.5),
+    DVEParams(sigma_low=3.0, sigma_high=1.5, psi="quantile", psi_quantile=0.7),
+    DVEParams(sigma_low=2.0, sigma_high=2.0, psi="none"),
+]
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (8, 6), (13, 13), (6, 9)])
+def test_gaussian_transfer_matches_formula(shape):
+    h, w = shape
+    np.testing.assert_allclose(dve.gaussian_transfer(h, w, 1.7).numpy(), reference_gaussian(h, w, 1.7), rtol=1e-6)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+@pytest.mark.parametrize("shape", [(7, 7), (6, 8)])
+def test_dve_matches_reference(params, shape):
+    features = random_features(h=shape[0], w=shape[1])
+    expected = reference_dve(features.double().numpy(), params)
+    got = dve.dve(features, params).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+def test_targeted_dve_matches_reference(params):
+    raw = dve.dve(random_features(), params)
+    expected = reference_targeted(raw.double().numpy(), params)
+    got = dve.targeted_dve(raw, params).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_input_resolution_mode_upsamples_before_filtering():
+    features = random_features(b=2, c=4)
+    params = DVEParams(resolution="input")
+    up = torch.nn.functional.interpolate(features, size=(32, 32), mode="bilinear", align_corners=False)
+    expected = reference_dve(up.double().numpy(), params)
+    got = dve.dve(features, params, input_size=(32, 32))
+    assert got.shape == (2, 32, 32)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_batch_gives_the_same_maps_as_each_image_alone():
+    features = random_features(b=5, c=32)
+    batch = dve.explain(features, DVEParams(), (224, 224))
+    for i in range(5):
+        alone = dve.explain(features[i : i + 1], DVEParams(), (224, 224))
+        torch.testing.assert_close(batch.dve[i], alone.dve[0])
+        torch.testing.assert_close(batch.targeted[i], alone.targeted[0])
+        assert batch.boxes[i].tolist() == alone.boxes[0].tolist()
+
+
+def test_psi_keeps_values_at_or_above_the_mean_and_zeroes_the_rest():
+    s = torch.tensor([[[1.0, 2.0], [3.0, 6.0]]])  # mean 3
+    assert dve.noise_filter(s, DVEParams()).tolist() == [[[0.0, 0.0], [3.0, 6.0]]]
+
+
+def test_normalized_maps_lie_in_unit_interval_and_empty_maps_stay_zero():
+    maps = torch.stack([torch.linspace(-1, 4, 49).view(7, 7), torch.full((7, 7), -2.0)])
+    normalized = dve.normalize_maps(maps)
+    assert normalized[0].max().item() == pytest.approx(1.0)
+    assert normalized.min().item() == 0.0
+    assert normalized[1].abs().sum().item() == 0.0
+
+
+def test_salient_boxes_match_brute_force():
+    generator = torch.Generator().manual_seed(1)
+    maps = torch.rand(4, 20, 30, generator=generator) ** 4
+    maps[3] = 0.0
+    boxes, valid = dve.salient_boxes(maps, 0.5)
+    for b in range(3):
+        ys, xs = np.nonzero((maps[b] >= 0.5 * maps[b].max()).numpy())
+        assert boxes[b].tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert valid[b]
+    assert not valid[3]
+
+
+def test_unknown_parameters_are_refused():
+    with pytest.raises(ValueError, match="unknown DVE parameter"):
+        DVEParams.from_mapping({"sigma": 2})
+    with pytest.raises(ValueError, match="psi must be one of"):
+        DVEParams(psi="otsu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_and_stays_on_device():
+    features = random_features(b=8, c=1280)
+    cpu = dve.explain(features, DVEParams(), (224, 224))
+    gpu = dve.explain(features.cuda(), DVEParams(), (224, 224))
+    assert gpu.dve.is_cuda and gpu.targeted.is_cuda and gpu.boxes.is_cuda
+    torch.testing.assert_close(gpu.dve.cpu(), cpu.dve, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.targeted.cpu(), cpu.targeted, rtol=1e-4, atol=1e-5)
+    assert (gpu.boxes.cpu() - cpu.boxes).abs().max().item() <= 1

@@ -1,0 +1,132 @@
+"""In-process: the real default model, batches, formats, and errors that stay per request."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from handler.config import RequestDefaults
+from handler.errors import RequestError
+from handler.explainer import Explainer
+from handler.options import ParsedRequest, RequestOptions
+
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egyptian cat
+DEFAULT = RequestOptions(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
+
+
+def ask(explainer: Explainer, image: bytes, **options) -> dict:
+    result = explainer.run([ParsedRequest(image, RequestOptions(**{**DEFAULT.__dict__, **options}))])[0]
+    assert result.status == 200, result.body
+    return result.body
+
+
+def png(entry: dict) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(entry["data"])))
+
+
+def test_default_response_joins_prediction_and_both_explanations(lite0_explainer, photos):
+    body = ask(lite0_explainer, photos["chelsea"])
+    assert body["predictions"][0]["index"] in CAT_CLASSES
+    assert len(body["predictions"]) == 5
+    probabilities = [p["probability"] for p in body["predictions"]]
+    assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1.0 + 1e-6
+    assert body["image"] == {"width": 451, "height": 300}
+    assert body["layer"] == "_avg_pooling:input"
+    for name in ("dve", "targeted_dve"):
+        entry = body["explanations"][name]
+        assert (entry["format"], entry["width"], entry["height"]) == ("png", 224, 149)  # aspect ratio kept
+        image = png(entry)
+        assert image.mode == "L" and image.size == (224, 149)
+        assert np.asarray(image).max() == 255
+    x0, y0, x1, y1 = body["explanations"]["targeted_dve"]["box"]
+    assert 0 <= x0 < x1 <= 451 and 0 <= y0 < y1 <= 300
+
+
+def test_map_outside_the_models_crop_is_zero(lite0_explainer, photos):
+    body = ask(lite0_explainer, photos["coffee"], map_size=None)  # 600 x 400, original size
+    dve_map = np.asarray(png(body["explanations"]["dve"]))
+    assert dve_map.shape == (400, 600)
+    crop_side = 224 * 400 / 256  # the model saw the centre 350 x 350
+    left = int((600 - crop_side) / 2)
+    assert dve_map[:, : left - 1].max() == 0 and dve_map[:, 600 - left + 1 :].max() == 0
+    assert dve_map[:, left + 1 : 600 - left - 1].max() == 255
+
+
+def test_overlay_and_array_formats(lite0_explainer, photos):
+    overlay = ask(lite0_explainer, photos["coffee"], format="overlay", map_size=120, explanations=("dve",))
+    assert set(overlay["explanations"]) == {"dve"}
+    image = png(overlay["explanations"]["dve"])
+    assert image.mode == "RGB" and image.size == (120, 80)
+    array = ask(lite0_explainer, photos["coffee"], format="array", map_size=30)
+    values = np.array(array["explanations"]["targeted_dve"]["data"])
+    assert values.shape == (20, 30) and values.min() >= 0 and values.max() == pytest.approx(1.0, abs=0.05)
+
+
+def test_no_explanations_gives_the_prediction_alone(lite0_explainer, photos):
+    body = ask(lite0_explainer, photos["chelsea"], explanations=(), topk=1)
+    assert body["explanations"] == {} and len(body["predictions"]) == 1
+
+
+def test_batch_answers_each_request_as_if_alone(lite0_explainer, photos):
+    names = ["chelsea", "coffee", "rocket", "astronaut"]
+    options = [DEFAULT, RequestOptions(2, ("targeted_dve",), "png", 64), DEFAULT, RequestOptions(1, (), "png", 224)]
+    batch = lite0_explainer.run([ParsedRequest(photos[n], o) for n, o in zip(names, options)])
+    for name, option, result in zip(names, options, batch):
+        alone = lite0_explainer.run([ParsedRequest(photos[name], option)])[0]
+        assert result.status == alone.status == 200
+        assert [p["index"] for p in result.body["predictions"]] == [p["index"] for p in alone.body["predictions"]]
+        for p, q in zip(result.body["predictions"], alone.body["predictions"]):
+            assert p["probability"] == pytest.approx(q["probability"], abs=1e-4)
+        assert set(result.body["explanations"]) == set(option.explanations)
+        for name_ in option.explanations:
+            a = np.asarray(png(result.body["explanations"][name_]), dtype=int)
+            b = np.asarray(png(alone.body["explanations"][name_]), dtype=int)
+            assert np.abs(a - b).max() <= 2
+
+
+def test_bad_requests_fail_alone_and_the_rest_of_the_batch_succeeds(lite0_explainer, photos):
+    requests = [
+        ParsedRequest(photos["chelsea"], DEFAULT),
+        ParsedRequest(b"definitely not an image", DEFAULT),
+        RequestError("'topk' must be an integer"),
+        ParsedRequest(photos["coffee"][:2000], DEFAULT),
+        ParsedRequest(photos["coffee"], RequestOptions(5, ("dve",), "array", None)),  # 600 x 400 floats: allowed
+        ParsedRequest(photos["coffee"], DEFAULT),
+    ]
+    results = lite0_explainer.run(requests)
+    assert [r.status for r in results] == [200, 400, 400, 400, 200, 200]
+    assert "not an image" in results[1].body["message"]
+    assert results[2].body == {"code": 400, "type": "BadRequest", "message": "'topk' must be an integer"}
+    assert results[5].body["predictions"][0]["label"] == "espresso"
+
+
+def test_too_large_float_array_is_refused_with_a_hint(lite0_explainer, photos):
+    big = Image.open(io.BytesIO(photos["coffee"])).resize((1800, 1200))
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG")
+    result = lite0_explainer.run([ParsedRequest(buffer.getvalue(), RequestOptions(5, ("dve",), "array", None))])[0]
+    assert result.status == 400 and "smaller map_size" in result.body["message"]
+
+
+def test_dve_peaks_on_the_object(lite0_explainer, photos):
+    """The hottest DVE pixel lies on the object the model recognised (boxes drawn by hand)."""
+    objects = {
+        "chelsea": (90, 40, 360, 300),  # the cat's head
+        "coffee": (150, 20, 480, 330),  # cup and saucer
+        "rocket": (270, 60, 345, 427),  # the rocket on its pad (predicted: missile)
+    }
+    hits = 0
+    for name, (x0, y0, x1, y1) in objects.items():
+        body = ask(lite0_explainer, photos[name], map_size=None, explanations=("dve",))
+        dve_map = np.asarray(png(body["explanations"]["dve"]))
+        y, x = np.unravel_index(dve_map.argmax(), dve_map.shape)
+        hits += x0 <= x < x1 and y0 <= y < y1
+    assert hits >= 2
+
+
+def test_defaults_match_the_documented_ones():
+    assert RequestDefaults() == RequestDefaults(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)

@@ -1,0 +1,163 @@
+"""End to end against a real TorchServe: archives built by the build script, served with
+the project's config.properties on other ports, called over HTTP like any client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from tests.conftest import encode
+
+CAT_CLASSES = {281, 282, 283, 284, 285}
+# Hand-drawn boxes around the object each photo shows (x0, y0, x1, y1, original pixels).
+OBJECTS = {"chelsea": (90, 40, 360, 300), "coffee": (150, 20, 480, 330), "rocket": (270, 60, 345, 427)}
+
+
+def post(server, model, *, endpoint="predictions", token=None, **kwargs) -> requests.Response:
+    headers = kwargs.pop("headers", {})
+    headers.setdefault("Authorization", f"Bearer {token or server.token()}")
+    return requests.post(f"{server.inference_url}/{endpoint}/{model}", headers=headers, timeout=120, **kwargs)
+
+
+def post_image(server, model, image: bytes, **kwargs) -> requests.Response:
+    return post(server, model, data=image, headers={"Content-Type": "image/jpeg"}, **kwargs)
+
+
+def png(entry: dict) -> Image.Image:
+    assert entry["format"] in ("png", "overlay")
+    return Image.open(io.BytesIO(base64.b64decode(entry["data"])))
+
+
+def worker_pids(server, model) -> list[int]:
+    response = requests.get(f"{server.management_url}/models/{model}", headers={"Authorization": f"Bearer {server.token('management')}"}, timeout=10)
+    response.raise_for_status()
+    return sorted(w["pid"] for w in response.json()[0]["workers"] if w["status"] == "READY")
+
+
+def test_raw_photo_gets_prediction_and_both_explanations(server, photos):
+    response = post_image(server, "efficientnet_lite0", photos["chelsea"])
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("application/json")
+    body = response.json()
+    assert body["predictions"][0]["index"] in CAT_CLASSES and "cat" in body["predictions"][0]["label"]
+    assert len(body["predictions"]) == 5
+    assert body["image"] == {"width": 451, "height": 300}
+    for name in ("dve", "targeted_dve"):
+        entry = body["explanations"][name]
+        image = png(entry)
+        assert image.size == (entry["width"], entry["height"]) == (224, 149)
+        assert abs(entry["width"] / entry["height"] - 451 / 300) < 0.01
+    x0, y0, x1, y1 = body["explanations"]["targeted_dve"]["box"]
+    assert 0 <= x0 < x1 <= 451 and 0 <= y0 < y1 <= 300
+
+
+def test_explanations_endpoint_returns_the_prediction_too(server, photos):
+    predicted = post_image(server, "efficientnet_lite0", photos["coffee"]).json()
+    explained = post_image(server, "efficientnet_lite0", photos["coffee"], endpoint="explanations").json()
+    assert explained["predictions"] == predicted["predictions"]
+    assert explained["explanations"].keys() == predicted["explanations"].keys() == {"dve", "targeted_dve"}
+    assert predicted["predictions"][0]["label"] == "espresso"
+
+
+def test_dve_is_hottest_on_the_object_more_often_than_not(server, photos):
+    hits = []
+    for name, (x0, y0, x1, y1) in OBJECTS.items():
+        body = post(server, "efficientnet_lite0", json={"image": base64.b64encode(photos[name]).decode(), "map_size": "original", "explanations": ["dve"]}).json()
+        dve_map = np.asarray(png(body["explanations"]["dve"]))
+        assert dve_map.shape == (body["image"]["height"], body["image"]["width"])
+        y, x = np.unravel_index(dve_map.argmax(), dve_map.shape)
+        hits.append(x0 <= x < x1 and y0 <= y < y1)
+    assert sum(hits) > len(hits) / 2, hits
+
+
+def test_options_by_json_and_by_multipart(server, photos):
+    body = post(
+        server, "efficientnet_lite0",
+        json={"image": base64.b64encode(photos["rocket"]).decode(), "topk": 2, "explanations": ["targeted_dve"], "format": "overlay", "map_size": 100},
+    ).json()
+    assert len(body["predictions"]) == 2 and set(body["explanations"]) == {"targeted_dve"}
+    overlay = png(body["explanations"]["targeted_dve"])
+    assert overlay.mode == "RGB" and overlay.size == (100, 67)
+    form = post(
+        server, "efficientnet_lite0",
+        files={"image": ("rocket.png", encode(Image.open(io.BytesIO(photos["rocket"])), "PNG"), "image/png")},
+        data={"topk": "3", "explanations": "dve", "format": "array", "map_size": "40"},
+    )
+    assert form.status_code == 200, form.text
+    body = form.json()
+    values = np.array(body["explanations"]["dve"]["data"])
+    assert len(body["predictions"]) == 3 and values.shape == (27, 40) and 0 <= values.min() <= values.max() <= 1
+
+
+def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(server, photos):
+    pids = worker_pids(server, "efficientnet_lite0")
+    good = lambda: post_image(server, "efficientnet_lite0", photos["chelsea"])  # noqa: E731
+    bad = [
+        lambda: post_image(server, "efficientnet_lite0", b""),
+        lambda: post_image(server, "efficientnet_lite0", photos["coffee"][:3000]),
+        lambda: post_image(server, "efficientnet_lite0", b"GIF89a not really"),
+        lambda: post(server, "efficientnet_lite0", json={"image": "!!!"}),
+        lambda: post(server, "efficientnet_lite0", json={"image": base64.b64encode(photos["coffee"]).decode(), "topk": "many"}),
+        lambda: post(server, "efficientnet_lite0", json={"topk": 3}),
+    ]
+    calls = [good, *bad, good, good]
+    with ThreadPoolExecutor(len(calls)) as pool:
+        responses = list(pool.map(lambda call: call(), calls))
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] + [400] * len(bad) + [200, 200], [r.text[:200] for r in responses]
+    for response in responses[1 : 1 + len(bad)]:
+        assert response.json()["code"] == 400 and response.json()["message"]
+    assert worker_pids(server, "efficientnet_lite0") == pids  # no worker restarted
+    assert post_image(server, "efficientnet_lite0", photos["coffee"]).status_code == 200
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_requests_without_the_right_token_are_refused(server, photos, token):
+    headers = {"Content-Type": "image/jpeg"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    response = requests.post(f"{server.inference_url}/predictions/efficientnet_lite0", data=photos["chelsea"], headers=headers, timeout=30)
+    assert response.status_code == 400
+    assert "Token Authorization failed" in response.json()["message"]
+
+
+def test_model_registration_over_http_is_off(server):
+    response = requests.post(
+        f"{server.management_url}/models", params={"url": "https://example.com/x.mar"},
+        headers={"Authorization": f"Bearer {server.token('management')}"}, timeout=10,
+    )
+    assert response.status_code == 405
+
+
+def test_vgg16_explains_its_final_pooling_layer(server, photos):
+    body = post_image(server, "vgg16", photos["coffee"]).json()
+    assert body["layer"] == "features.30"
+    assert len(body["predictions"]) == 5 and body["image"] == {"width": 600, "height": 400}
+    assert png(body["explanations"]["dve"]).size == (224, 149)
+
+
+def test_a_users_own_model_answers_with_its_own_labels(server):
+    bright = encode(np.full((120, 80, 3), 230, dtype=np.uint8), "PNG")
+    dark = encode(np.full((80, 120, 3), 20, dtype=np.uint8), "PNG")
+    for image, label in ((bright, "bright"), (dark, "dark")):
+        body = post(server, "brightness", json={"image": base64.b64encode(image).decode(), "topk": 2}).json()
+        assert [p["label"] for p in body["predictions"]][0] == label
+        assert {p["label"] for p in body["predictions"]} == {"bright", "dark"}
+        assert set(body["explanations"]) == {"dve", "targeted_dve"}
+    refused = post(server, "brightness", json={"image": base64.b64encode(bright).decode(), "topk": 3})
+    assert refused.status_code == 400 and "between 1 and 2" in refused.json()["message"]
+
+
+def test_logs_hold_no_token(server, photos):
+    post_image(server, "efficientnet_lite0", photos["chelsea"])
+    tokens = [server.token("inference"), server.token("management")]
+    for log in server.log_dir.glob("*.log"):
+        text = log.read_text(errors="replace")
+        assert not any(token in text for token in tokens), log.name

@@ -1,0 +1,82 @@
+"""Per-request options from raw, JSON and multipart bodies; every mistake a clear 4xx."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from handler.config import Limits, RequestDefaults
+from handler.errors import RequestError
+from handler.options import RequestOptions, parse_request
+
+IMAGE = b"\xff\xd8\xff fake jpeg bytes"
+B64 = base64.b64encode(IMAGE).decode()
+
+
+def parse(data, content_type=None, **limits):
+    return parse_request(data, content_type=content_type, defaults=RequestDefaults(), limits=Limits(**limits), num_classes=1000)
+
+
+def test_raw_body_uses_the_defaults():
+    parsed = parse({"body": bytearray(IMAGE)}, "image/jpeg")
+    assert parsed.image == IMAGE
+    assert parsed.options == RequestOptions(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
+
+
+def test_json_body_sets_every_option():
+    parsed = parse(
+        {"body": {"image": B64, "topk": 3, "explanations": ["targeted_dve"], "format": "overlay", "map_size": "original"}},
+        "application/json",
+    )
+    assert parsed.image == IMAGE
+    assert parsed.options == RequestOptions(topk=3, explanations=("targeted_dve",), format="overlay", map_size=None)
+
+
+def test_multipart_fields_arrive_as_text():
+    parsed = parse({"image": bytearray(IMAGE), "topk": "2", "explanations": "dve, targeted_dve", "format": b"array", "map_size": "64"})
+    assert parsed.options == RequestOptions(topk=2, explanations=("dve", "targeted_dve"), format="array", map_size=64)
+
+
+@pytest.mark.parametrize("value", [[], "", "[]", "none"])
+def test_no_explanations_can_be_asked_for(value):
+    assert parse({"body": {"image": B64, "explanations": value}}).options.explanations == ()
+
+
+def test_data_url_base64_is_accepted():
+    assert parse({"body": {"image": "data:image/jpeg;base64," + B64}}).image == IMAGE
+
+
+@pytest.mark.parametrize(
+    "data, content_type, status, message",
+    [
+        ({"body": {"topk": 3}}, "application/json", 400, "no image"),
+        ({"body": {"image": "not base64!"}}, "application/json", 400, "not valid base64"),
+        ({"body": {"image": B64, "colour": "red"}}, "application/json", 400, "unknown field"),
+        ({"body": {"image": B64, "topk": 0}}, "application/json", 400, "between 1 and 1000"),
+        ({"body": {"image": B64, "topk": 1001}}, "application/json", 400, "between 1 and 1000"),
+        ({"body": {"image": B64, "topk": "three"}}, "application/json", 400, "must be an integer"),
+        ({"body": {"image": B64, "topk": True}}, "application/json", 400, "not a boolean"),
+        ({"body": {"image": B64, "explanations": ["gradcam"]}}, "application/json", 400, "unknown explanation"),
+        ({"body": {"image": B64, "explanations": "[dve"}}, "application/json", 400, "not a valid JSON list"),
+        ({"body": {"image": B64, "explanations": 3}}, "application/json", 400, "must be a list"),
+        ({"body": {"image": B64, "format": "jpeg"}}, "application/json", 400, "'format' must be one of"),
+        ({"body": {"image": B64, "map_size": 4}}, "application/json", 400, "'map_size'"),
+        ({"body": {"image": B64, "map_size": 5000}}, "application/json", 400, "'map_size'"),
+        ({"body": {"image": 12}}, "application/json", 400, "base64 text or bytes"),
+        ({"body": bytearray(b"{not json")}, "application/json", 400, "not valid JSON"),
+        ({"body": ["a", "list"]}, "application/json", 400, "must be an object"),
+        ({"image": bytearray(IMAGE), "topk": b"\xff\xfe"}, None, 400, "UTF-8"),
+        ({"body": bytearray(IMAGE), "topk": "3"}, None, 400, "either a body or form fields"),
+    ],
+)
+def test_bad_requests_get_a_clear_message(data, content_type, status, message):
+    with pytest.raises(RequestError, match=message) as caught:
+        parse(data, content_type)
+    assert caught.value.status == status
+
+
+def test_oversized_image_is_413():
+    with pytest.raises(RequestError, match="limit is 10") as caught:
+        parse({"body": bytearray(IMAGE)}, max_image_bytes=10)
+    assert caught.value.status == 413
