@@ -17,6 +17,7 @@ Notation follows ``shared/DVE_SPEC.md``:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal, Mapping
 
@@ -91,22 +92,63 @@ def gaussian_transfer(height: int, width: int, sigma: float, *, device=None, dty
     return torch.exp(-radius2 / (2.0 * sigma**2))
 
 
-def band_product(x: torch.Tensor, sigma_low: float, sigma_high: float) -> torch.Tensor:
+# Maps with at most this many pixels are filtered by a matrix product (see band_product).
+MATRIX_MAX_PIXELS = 1024
+
+
+def band_product(x: torch.Tensor, sigma_low: float, sigma_high: float, method: str = "auto") -> torch.Tensor:
     """``Re F^-1(F(x) G_s1) * Re F^-1(F(x) (1 - G_s2))`` for every map of ``x`` (... x h x w).
 
-    Both transfer functions are real and even, so the filtered spectra stay Hermitian
-    and the real FFT gives exactly the real part of the full complex computation at
-    half the cost. Both filters run in one inverse transform.
+    Two exact ways to apply the same Fourier filters:
+
+    * ``"fft"``: real FFT, multiply, inverse real FFT. Both transfer functions are real
+      and even, so the filtered spectra stay Hermitian and the real FFT gives exactly the
+      real part of the full complex computation. Both filters share one inverse transform.
+    * ``"matrix"``: a Fourier filter is linear, so on an h x w map it *is* an
+      (hw x hw) matrix, built once by filtering the hw unit images with the FFT path.
+      Both bands of every map of the batch then come from one matrix product: about 8x
+      faster than the FFT on 7 x 7 maps on a CPU, identical up to float rounding.
+
+    ``"auto"`` takes the matrix for maps of at most ``MATRIX_MAX_PIXELS`` pixels.
     """
     height, width = x.shape[-2:]
+    pixels = height * width
+    if method == "auto":
+        method = "matrix" if pixels <= MATRIX_MAX_PIXELS else "fft"
     x = x.float()
-    g_low = gaussian_transfer(height, width, sigma_low, device=x.device)
-    g_high = 1.0 - gaussian_transfer(height, width, sigma_high, device=x.device)
+    if method == "fft":
+        bands = _fourier_filter(x, _band_filters(height, width, sigma_low, sigma_high, x.device))
+        return bands[..., 0, :, :] * bands[..., 1, :, :]
+    if method != "matrix":
+        raise ValueError(f"method must be 'auto', 'fft' or 'matrix', got {method!r}")
+    operator = _band_operator(height, width, float(sigma_low), float(sigma_high), x.device)
+    bands = x.reshape(-1, pixels) @ operator  # (... hw) x (hw x 2hw)
+    product = bands[:, :pixels] * bands[:, pixels:]
+    return product.reshape(x.shape)
+
+
+def _band_filters(height: int, width: int, sigma_low: float, sigma_high: float, device) -> torch.Tensor:
+    """The low-pass G_s1 and the high-pass 1 - G_s2 on the real-FFT half grid: 2 x h x (w//2+1)."""
     half = width // 2 + 1
-    filters = torch.stack([g_low[:, :half], g_high[:, :half]])  # 2 x h x half
-    spectrum = torch.fft.rfft2(x)  # ... x h x half
-    bands = torch.fft.irfft2(spectrum.unsqueeze(-3) * filters, s=(height, width))  # ... x 2 x h x w
-    return bands[..., 0, :, :] * bands[..., 1, :, :]
+    g_low = gaussian_transfer(height, width, sigma_low, device=device)
+    g_high = 1.0 - gaussian_transfer(height, width, sigma_high, device=device)
+    return torch.stack([g_low[:, :half], g_high[:, :half]])
+
+
+def _fourier_filter(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """Each filter applied to each map: ... x h x w -> ... x F x h x w."""
+    height, width = x.shape[-2:]
+    spectrum = torch.fft.rfft2(x)
+    return torch.fft.irfft2(spectrum.unsqueeze(-3) * filters, s=(height, width))
+
+
+@functools.lru_cache(maxsize=32)
+def _band_operator(height: int, width: int, sigma_low: float, sigma_high: float, device: torch.device) -> torch.Tensor:
+    """(hw x 2hw): row j holds both filtered versions of the j-th unit image, flattened."""
+    pixels = height * width
+    units = torch.eye(pixels, device=device).reshape(pixels, height, width)
+    bands = _fourier_filter(units, _band_filters(height, width, sigma_low, sigma_high, device))
+    return bands.reshape(pixels, 2 * pixels).contiguous()
 
 
 def noise_filter(s: torch.Tensor, params: DVEParams) -> torch.Tensor:

@@ -72,6 +72,22 @@ def test_gaussian_transfer_matches_formula(shape):
     np.testing.assert_allclose(dve.gaussian_transfer(h, w, 1.7).numpy(), reference_gaussian(h, w, 1.7), rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["fft", "matrix"])
+@pytest.mark.parametrize("shape", [(7, 7), (6, 8), (13, 13)])
+def test_both_filter_methods_match_reference(method, shape):
+    x = random_features(b=2, c=3, h=shape[0], w=shape[1])
+    expected = np.stack([[reference_band_product(m, 2.0, 1.0) for m in image] for image in x.double().numpy()])
+    got = dve.band_product(x, 2.0, 1.0, method=method).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_large_maps_take_the_fft_path_and_match_reference():
+    x = random_features(b=1, c=2, h=40, w=36)  # 1440 pixels > MATRIX_MAX_PIXELS
+    expected = np.stack([[reference_band_product(m, 3.0, 1.5) for m in image] for image in x.double().numpy()])
+    got = dve.band_product(x, 3.0, 1.5).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
 @pytest.mark.parametrize("params", PARAMS, ids=str)
 @pytest.mark.parametrize("shape", [(7, 7), (6, 8)])
 def test_dve_matches_reference(params, shape):

@@ -130,3 +130,23 @@ def test_dve_peaks_on_the_object(lite0_explainer, photos):
 
 def test_defaults_match_the_documented_ones():
     assert RequestDefaults() == RequestDefaults(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_answer(lite0_explainer, photos):
+    import torch
+
+    gpu = Explainer(lite0_explainer.model, lite0_explainer.config, lite0_explainer.labels, torch.device("cuda"))
+    requests = [ParsedRequest(photos[name], DEFAULT) for name in ("chelsea", "coffee", "rocket")]
+    try:
+        on_gpu = gpu.run(requests)
+    finally:
+        lite0_explainer.model.to("cpu")  # the shared fixture's model moved with it
+    on_cpu = lite0_explainer.run(requests)
+    for a, b in zip(on_gpu, on_cpu):
+        assert [p["index"] for p in a.body["predictions"]] == [p["index"] for p in b.body["predictions"]]
+        for name in ("dve", "targeted_dve"):
+            diff = np.abs(np.asarray(png(a.body["explanations"][name]), dtype=int) - np.asarray(png(b.body["explanations"][name]), dtype=int))
+            assert diff.max() <= 3
+        box_a, box_b = a.body["explanations"]["targeted_dve"]["box"], b.body["explanations"]["targeted_dve"]["box"]
+        assert np.abs(np.array(box_a) - np.array(box_b)).max() <= 3
