@@ -2,13 +2,14 @@
 #   make serve   install what is missing, build the default archive, start TorchServe
 #   make stop    stop it
 #   make test    unit and integration tests (starts its own TorchServe on other ports)
+#   make bench   what explaining costs next to the prediction, measured side by side
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test install install-dev archives samples clean
+.PHONY: serve stop test bench install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +41,10 @@ stop:
 test: $(VENV)/.dev
 	$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
+
+# In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
+bench: $(VENV)/.runtime
+	$(PY) scripts/bench.py
 
 clean:
 	rm -rf build model_store .pytest_cache
