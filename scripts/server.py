@@ -153,8 +153,23 @@ def _get(url: str, token: str | None) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def _load_failure(server: Server, model: str) -> str | None:
+    """The worker's error if TorchServe reports that ``model`` failed to load, else None.
+
+    A worker that fails to load is retried forever while the model never becomes READY;
+    a handler error at start-up (bad config, weights that do not fit) is not transient.
+    """
+    try:
+        if f"Load model failed: {model}," not in (server.log_dir / "ts_log.log").read_text(errors="replace"):
+            return None
+        errors = re.findall(r"MODEL_LOG - (\w+(?:Error|Exception): .*)", (server.log_dir / "model_log.log").read_text(errors="replace"))
+    except OSError:
+        return None
+    return errors[-1] if errors else "the worker died while loading"
+
+
 def wait_ready(server: Server, models: list[str], timeout: float) -> None:
-    """Polls the management API until each model has a READY worker."""
+    """Polls the management API until each model has a READY worker; fails fast if one cannot load."""
     deadline = time.monotonic() + timeout
     pending = list(models)
     while pending:
@@ -162,6 +177,9 @@ def wait_ready(server: Server, models: list[str], timeout: float) -> None:
             raise ServerError(f"models {pending} not READY after {timeout:.0f} s; see {server.log_dir}/model_log.log and ts_log.log")
         if not _running(server.run_dir):
             raise ServerError(f"TorchServe exited; see {server.run_dir}/torchserve.out and {server.log_dir}/ts_log.log")
+        failure = _load_failure(server, pending[0])
+        if failure:
+            raise ServerError(f"model {pending[0]} failed to load: {failure} (full log: {server.log_dir}/model_log.log)")
         try:
             if server.key_file.exists():
                 status, body = _get(f"{server.management_url}/models/{pending[0]}", server.token("management"))

@@ -161,3 +161,27 @@ def test_logs_hold_no_token(server, photos):
     for log in server.log_dir.glob("*.log"):
         text = log.read_text(errors="replace")
         assert not any(token in text for token in tokens), log.name
+
+
+def test_a_model_that_cannot_load_fails_fast_with_its_error(model_store, tmp_path):
+    """A broken config crash-loops TorchServe's worker while /ping says Healthy:
+    start() must say why, quickly, and leave no server behind."""
+    import time
+    import zipfile
+
+    from scripts import server as ts_server
+
+    store = tmp_path / "store"
+    store.mkdir()
+    with zipfile.ZipFile(model_store / "brightness.mar") as source, zipfile.ZipFile(store / "broken.mar", "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "model-config.yaml":
+                data = data.replace(b"handler:\n", b"handler:\n  sigma: 3\n")
+            target.writestr(item, data)
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    with pytest.raises(ts_server.ServerError, match=r"broken failed to load: ValueError: unknown key\(s\) \['sigma'\]"):
+        ts_server.start(["broken"], run_dir=run_dir, model_store=store, port_base=18190, timeout=120)
+    assert time.monotonic() - started < 60
+    assert not ts_server.stop(run_dir)  # already stopped
