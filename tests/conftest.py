@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -113,7 +114,9 @@ def model_store(tmp_path_factory) -> Path:
     return store
 
 
-INTEGRATION_PORT_BASE = 18180  # 18180-18185: clear of TorchServe's defaults (8080-8082, 7070-7071)
+# 18180-18185 by default: clear of TorchServe's defaults (8080-8082, 7070-7071). Another
+# base lets two checkouts run their suites side by side.
+INTEGRATION_PORT_BASE = int(os.environ.get("DVE_TEST_PORT_BASE", "18180"))
 
 
 @pytest.fixture(scope="session")

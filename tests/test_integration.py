@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import encode
+from tests.conftest import INTEGRATION_PORT_BASE, encode
 
 CAT_CLASSES = {281, 282, 283, 284, 285}
 # Hand-drawn boxes around the object each photo shows (x0, y0, x1, y1, original pixels).
@@ -182,6 +182,6 @@ def test_a_model_that_cannot_load_fails_fast_with_its_error(model_store, tmp_pat
     run_dir = tmp_path / "run"
     started = time.monotonic()
     with pytest.raises(ts_server.ServerError, match=r"broken failed to load: ValueError: unknown key\(s\) \['sigma'\]"):
-        ts_server.start(["broken"], run_dir=run_dir, model_store=store, port_base=18190, timeout=120)
+        ts_server.start(["broken"], run_dir=run_dir, model_store=store, port_base=INTEGRATION_PORT_BASE + 10, timeout=120)
     assert time.monotonic() - started < 60
     assert not ts_server.stop(run_dir)  # already stopped
