@@ -3,13 +3,14 @@
 #   make stop    stop it
 #   make test    unit and integration tests (starts its own TorchServe on other ports)
 #   make bench   what explaining costs next to the prediction, measured side by side
+#   make loadtest  Locust load test and served comparison with the stock handler
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench install install-dev archives samples clean
+.PHONY: serve stop test bench loadtest install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +42,14 @@ stop:
 test: $(VENV)/.dev
 	$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
+
+# Locust against a TorchServe it starts itself: the mix, then the side-by-side comparison
+# with TorchServe's stock handler. Report in build/loadtest/<time>/; fails on any failure.
+USERS ?= 4
+SPAWN_RATE ?= 4
+DURATION ?= 2m
+loadtest: $(VENV)/.dev
+	$(PY) loadtest/run.py --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION)
 
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
 bench: $(VENV)/.runtime

@@ -157,34 +157,32 @@ def model_input(decoded: DecodedImage, geometry: CropGeometry) -> torch.Tensor:
     return torch.from_numpy(np.asarray(crop).copy())
 
 
-def render_map(explanation: torch.Tensor, geometry: CropGeometry, size: tuple[int, int]) -> torch.Tensor:
-    """Draws a map of the crop (h x w, in [0, 1]) over the whole original image.
+def render_maps(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int]) -> torch.Tensor:
+    """Draws maps of the crop (C x h x w, in [0, 1]) over the whole original image.
 
     Args:
-        explanation: a normalised map of the model's input crop.
+        maps: normalised maps of the model's input crop, drawn together in one call.
         geometry: where that crop lies in the original image.
         size: (width, height) of the output, with the original's aspect ratio.
 
     Returns:
-        ``height x width`` tensor in [0, 1] on the map's device: bicubic inside the crop
-        (sampled at each output pixel's centre), zero where the model saw nothing.
+        ``C x height x width`` tensor in [0, 1] on the maps' device: bicubic inside the
+        crop (sampled at each output pixel's centre), zero where the model saw nothing.
     """
     out_w, out_h = size
-    device = explanation.device
+    device = maps.device
     xs = (torch.arange(out_w, device=device, dtype=torch.float32) + 0.5) * (geometry.width / out_w)
     ys = (torch.arange(out_h, device=device, dtype=torch.float32) + 0.5) * (geometry.height / out_h)
     gx = 2.0 * (xs - geometry.left) / geometry.side - 1.0
     gy = 2.0 * (ys - geometry.top) / geometry.side - 1.0
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).unsqueeze(0)
-    sampled = F.grid_sample(
-        explanation[None, None].float(), grid, mode="bicubic", padding_mode="border", align_corners=False
-    )[0, 0]
+    sampled = F.grid_sample(maps[None].float(), grid, mode="bicubic", padding_mode="border", align_corners=False)[0]
     inside = (gy.abs() <= 1.0)[:, None] & (gx.abs() <= 1.0)[None, :]
     return torch.where(inside, sampled.clamp(0.0, 1.0), torch.zeros_like(sampled))
 
 
 def to_uint8(map01: torch.Tensor) -> np.ndarray:
-    """A [0, 1] map as a uint8 array on the host: the only device-to-host copy of a map."""
+    """[0, 1] maps as a uint8 array on the host: the only device-to-host copy of the maps."""
     return (map01 * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
 
 

@@ -79,7 +79,7 @@ def parse_request(
         raise RequestError(f"image is {len(image)} bytes; the limit is {limits.max_image_bytes}", 413)
     options = RequestOptions(
         topk=_topk(fields.get("topk", defaults.topk), num_classes),
-        explanations=_explanations(fields.get("explanations", defaults.explanations)),
+        explanations=parse_explanations(fields.get("explanations", defaults.explanations)),
         format=_format(fields.get("format", defaults.format)),
         map_size=_map_size(fields.get("map_size", defaults.map_size), limits),
     )
@@ -143,7 +143,8 @@ def _topk(value: Any, num_classes: int) -> int:
     return topk
 
 
-def _explanations(value: Any) -> tuple[str, ...]:
+def parse_explanations(value: Any) -> tuple[str, ...]:
+    """Explanation names from a list, a JSON list or comma-separated text; ``[]``/``none`` for none."""
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):

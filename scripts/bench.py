@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """What an explanation costs next to the prediction alone, measured side by side in-process.
 
-    python scripts/bench.py [--models efficientnet_lite0 vgg16] [--batch-sizes 1 8]
-                            [--repeats 15] [--device auto|cpu|cuda]
+    python scripts/bench.py [--models efficientnet_lite0 vgg16] [--batch-sizes 1 8 32]
+                            [--repeats 15] [--budget 40] [--device auto|cpu|cuda]
 
-For each model and batch size it times, interleaved repetition by repetition (so load
-from elsewhere on a shared machine hits every variant alike), medians over repeats:
+For each model and batch size, every variant runs in the same process on the same
+batch of real photos, interleaved repetition by repetition (so load from elsewhere on
+a shared machine hits every variant alike); each figure is a median over repetitions:
 
 * ``forward``: the model alone on a prepared batch (no hook);
 * ``forward+dve``: the forward pass with the hook, then DVE, targeted DVE and the boxes
@@ -13,20 +14,33 @@ from elsewhere on a shared machine hits every variant alike), medians over repea
 * ``served, no maps``: the handler's whole path (decode JPEG, crop, forward, JSON) with
   ``explanations: []``;
 * ``served, dve+targeted``: the same with both maps rendered and PNG-encoded at the
-  default size: what a default request costs.
+  default size: what a default request costs;
+* ``grad-cam``: Grad-CAM from the ``grad-cam`` package (forward + backward);
+* ``integrated gradients``: Captum's Integrated Gradients with 15 steps, what
+  TorchServe's stock ``/explanations`` runs.
 
-The ratios are the cost of explaining. VGG-16 runs with random weights (its real ones
-cannot be fetched here): its cost does not depend on the weights.
+Run it on a quiet machine: on a CPU shared with another busy process, PyTorch's
+OpenMP threads spin-wait for each other and every variant slows down many times over.
+
+``x fwd`` is each median over the forward pass's, measured in the same run; ``peak MB``
+is the memory the variant needs beyond what is held before it runs (host RSS sampled
+every millisecond on CPU; ``torch.cuda.max_memory_allocated`` on CUDA). A variant whose
+single run would exceed ``--budget`` seconds (estimated from the smaller batch) is
+skipped and says so. VGG-16 runs with random weights (its real ones cannot be fetched
+here): its cost does not depend on the weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,6 +54,12 @@ from handler.models import build_model, imagenet_labels  # noqa: E402
 from handler.options import ParsedRequest, RequestOptions  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
+# Grad-CAM hooks a module's output; EfficientNet-Lite0's explained map enters global
+# pooling from a Swish module that runs many times, so Grad-CAM takes the BatchNorm
+# right before it (same 1280 x 7 x 7 map, before the activation).
+GRADCAM_LAYERS = {"efficientnet_lite0": "_bn1", "vgg16": "features.30"}
+IG_STEPS = 15
+IG_INTERNAL_BATCH = 32  # images per Integrated Gradients forward/backward pass
 
 
 def make_explainer(name: str, device: torch.device) -> Explainer:
@@ -71,71 +91,159 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(explainer: Explainer, batch_size: int, repeats: int, photos: list[bytes]) -> dict[str, float]:
+def variants(explainer: Explainer, model_name: str, batch_size: int, photos: list[bytes]) -> dict[str, Callable[[], None]]:
+    """The measured variants, each a closure over the same batch."""
+    from captum.attr import IntegratedGradients
+    from pytorch_grad_cam import GradCAM
+
     device = explainer.device
     images = [photos[i % len(photos)] for i in range(batch_size)]
-    with_maps = RequestOptions(5, ("dve", "targeted_dve"), "png", 224)
-    without_maps = RequestOptions(5, (), "png", 224)
-    requests_with = [ParsedRequest(image, with_maps) for image in images]
-    requests_without = [ParsedRequest(image, without_maps) for image in images]
+    requests_with = [ParsedRequest(image, RequestOptions(5, ("dve", "targeted_dve"), "png", 224)) for image in images]
+    requests_without = [ParsedRequest(image, RequestOptions(5, (), "png", 224)) for image in images]
     pixels = torch.stack([explainer.prepare(request).pixels for request in requests_with])
     x = ((pixels.to(device).permute(0, 3, 1, 2).float() / 255.0) - explainer.mean) / explainer.std
+    model = explainer.model
+    with torch.inference_mode():
+        predicted = model(x).argmax(dim=1)
+    layer = dict(model.named_modules())[GRADCAM_LAYERS[model_name]]
+    integrated_gradients = IntegratedGradients(model)
 
     def forward() -> None:
         with torch.inference_mode():
-            explainer.model(x)
-        sync(device)
+            model(x)
 
     def forward_dve() -> None:
         _, features = explainer.forward(pixels)
-        explanation = dve.explain(features, explainer.config.dve, explainer.input_size)
-        explanation.boxes.cpu()
-        sync(device)
+        dve.explain(features, explainer.config.dve, explainer.input_size).boxes.cpu()
 
-    variants = {
+    def grad_cam() -> None:
+        with GradCAM(model=model, target_layers=[layer]) as cam:
+            cam(input_tensor=x, targets=None)  # None: each image's top class
+
+    def ig() -> None:
+        integrated_gradients.attribute(
+            x, target=predicted, n_steps=IG_STEPS, internal_batch_size=min(IG_INTERNAL_BATCH, batch_size * IG_STEPS)
+        )
+
+    return {
         "forward": forward,
         "forward+dve": forward_dve,
         "served, no maps": lambda: explainer.run(requests_without),
         "served, dve+targeted": lambda: explainer.run(requests_with),
+        "grad-cam": grad_cam,
+        "integrated gradients": ig,
     }
-    for run in variants.values():  # warm-up: allocator, cuDNN autotuning, lazy init
-        run(), run()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(repeats):
+
+
+class PeakMemory:
+    """Peak memory a block needs beyond what is held when it starts, in MB."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._done.is_set():
+            self._peak = max(self._peak, self._rss())
+            time.sleep(0.001)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._start = self._peak = self._rss()
+            self._done = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._done.set()
+            self._thread.join()
+            peak = max(self._peak, self._rss())
+        self.peak_mb = (peak - self._start) / 1e6
+
+
+def timed(run: Callable[[], None], device: torch.device) -> float:
+    start = time.perf_counter()
+    run()
+    sync(device)
+    return (time.perf_counter() - start) * 1000.0
+
+
+def bench(
+    explainer: Explainer, model_name: str, batch_size: int, photos: list[bytes], repeats: int, budget: float, per_image_ms: dict[str, float]
+) -> dict[str, tuple[float, float] | str]:
+    """Median ms and peak MB per variant; a skip reason where one run would not fit the budget."""
+    device = explainer.device
+    runs = variants(explainer, model_name, batch_size, photos)
+    results: dict[str, tuple[float, float] | str] = {}
+    for name in list(runs)[1:]:  # the forward pass always runs: it is the yardstick
+        estimate = per_image_ms.get(name, 0.0) * batch_size / 1000.0
+        if estimate > budget:
+            results[name] = f"skipped (one run ~{estimate:.0f} s)"
+            del runs[name]
+    first: dict[str, float] = {}
+    for name, run in runs.items():  # warm-up, then one run for the memory peak
+        first[name] = timed(run, device)
+        with PeakMemory(device) as memory:
+            run()
+        results[name] = (0.0, memory.peak_mb)
+        per_image_ms[name] = first[name] / batch_size
+    cost = sum(first.values()) / 1000.0
+    count = max(3, min(repeats, int(budget / max(cost, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(count):
         for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order
-            start = time.perf_counter()
-            variants[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: statistics.median(values) for name, values in times.items()}
+            times[name].append(timed(runs[name], device))
+    for name, values in times.items():
+        results[name] = (statistics.median(values), results[name][1])  # type: ignore[index]
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "vgg16"])
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "vgg16"], choices=sorted(GRADCAM_LAYERS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=15, help="repetitions at most (at least 3)")
+    parser.add_argument("--budget", type=float, default=40.0, help="seconds of timed runs per model and batch size")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"device: {where}; torch {torch.__version__}; medians of {args.repeats} interleaved repeats (ms)\n")
-    header = f"{'model':<20}{'batch':>6}{'forward':>10}{'fwd+dve':>10}{'ratio':>8}{'served':>10}{'+maps':>10}{'ratio':>8}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+    print(f"device: {where}; torch {torch.__version__}; medians of interleaved repeats\n")
+    header = f"{'model':<19}{'batch':>6}  {'variant':<22}{'ms':>10}{'x fwd':>9}{'peak MB':>9}"
     print(header)
     print("-" * len(header))
     photos = jpeg_photos()
     for name in args.models:
         explainer = make_explainer(name, device)
-        for batch_size in args.batch_sizes:
-            t = bench(explainer, batch_size, args.repeats, photos)
-            print(
-                f"{name:<20}{batch_size:>6}{t['forward']:>10.1f}{t['forward+dve']:>10.1f}{t['forward+dve'] / t['forward']:>8.3f}"
-                f"{t['served, no maps']:>10.1f}{t['served, dve+targeted']:>10.1f}{t['served, dve+targeted'] / t['served, no maps']:>8.3f}",
-                flush=True,
-            )
-    print("\nforward: model alone; fwd+dve: + hook, DVE, targeted DVE, boxes; served: decode + forward + JSON,")
-    print("explanations off; +maps: the same with both maps rendered and PNG-encoded at 224 px.")
+        per_image_ms: dict[str, float] = {}
+        for batch_size in sorted(args.batch_sizes):
+            results = bench(explainer, name, batch_size, photos, args.repeats, args.budget, per_image_ms)
+            forward_ms = results["forward"][0]  # type: ignore[index]
+            for variant, value in results.items():
+                if isinstance(value, str):
+                    print(f"{name:<19}{batch_size:>6}  {variant:<22}{value:>28}")
+                else:
+                    ms, peak = value
+                    print(f"{name:<19}{batch_size:>6}  {variant:<22}{ms:>10.1f}{ms / forward_ms:>9.2f}{peak:>9.0f}", flush=True)
+        del explainer
+    print("\nforward+dve: hook, DVE, targeted DVE, boxes; served: decode + crop + forward + JSON, without and with")
+    print("both maps rendered and PNG-encoded at 224 px; grad-cam: pytorch-grad-cam GradCAM; integrated gradients:")
+    print(f"Captum, {IG_STEPS} steps, {IG_INTERNAL_BATCH} images per pass.")
     return 0
 
 

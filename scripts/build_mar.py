@@ -41,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from handler.config import ServingConfig  # noqa: E402
 from handler.explainer import Explainer  # noqa: E402
+from handler.errors import RequestError  # noqa: E402
 from handler.models import CUSTOM, EFFICIENTNET_LITE0, imagenet_labels, read_labels, torchvision_classifiers  # noqa: E402
+from handler.options import parse_explanations  # noqa: E402
 
 HANDLER_DIR = ROOT / "handler"
 DEFAULT_EXPORT = ROOT / "model_store"
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop-size", type=int, help="side of the square input (default: the model's own)")
     parser.add_argument("--mean", type=float, nargs=3, help="per-channel mean of the [0, 1] input")
     parser.add_argument("--std", type=float, nargs=3, help="per-channel std of the [0, 1] input")
+    parser.add_argument(
+        "--explanations",
+        default="dve,targeted_dve",
+        help="maps a request gets unless it asks otherwise: dve,targeted_dve (default), one of them, or none",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
@@ -90,7 +97,11 @@ def serving_config(args: argparse.Namespace, labels: list[str]) -> ServingConfig
         config = replace(config, resize_size=preset.resize_size[0], crop_size=preset.crop_size[0], mean=tuple(preset.mean), std=tuple(preset.std))
     overrides = {key: value for key, value in (("resize_size", args.resize_size), ("crop_size", args.crop_size)) if value}
     overrides.update({key: tuple(value) for key, value in (("mean", args.mean), ("std", args.std)) if value})
-    return replace(config, **overrides)
+    try:
+        explanations = parse_explanations(args.explanations)
+    except RequestError as exc:
+        raise BuildError(f"--explanations: {exc}") from None
+    return replace(config, defaults=replace(config.defaults, explanations=explanations), **overrides)
 
 
 def class_labels(args: argparse.Namespace) -> list[str]:

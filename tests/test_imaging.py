@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from handler.errors import RequestError
-from handler.imaging import CropGeometry, decode_image, encode_png, model_input, overlay, render_map
+from handler.imaging import CropGeometry, decode_image, encode_png, model_input, overlay, render_maps
 from tests.conftest import encode
 
 LIMIT = 50_000_000
@@ -116,8 +116,10 @@ def test_centre_crop_geometry():
 
 def test_rendered_map_covers_the_image_and_is_zero_outside_the_crop():
     geometry = CropGeometry.centre_crop(400, 200, 256, 224)
-    drawn = render_map(torch.ones(7, 7), geometry, (400, 200))
-    assert drawn.shape == (200, 400)
+    drawn = render_maps(torch.ones(2, 7, 7), geometry, (400, 200))
+    assert drawn.shape == (2, 200, 400)
+    assert torch.equal(drawn[0], drawn[1])
+    drawn = drawn[0]
     columns = drawn.sum(dim=0) > 0
     rows = drawn.sum(dim=1) > 0
     assert columns.nonzero().min().item() == 112 and columns.nonzero().max().item() == 287
@@ -129,7 +131,7 @@ def test_rendered_map_is_aligned_with_the_crop():
     geometry = CropGeometry.centre_crop(300, 300, 224, 224)  # crop = whole image
     cell = torch.zeros(7, 7)
     cell[0, 6] = 1.0  # top-right cell of the crop
-    drawn = render_map(cell, geometry, (300, 300))
+    drawn = render_maps(cell[None], geometry, (300, 300))[0]
     y, x = np.unravel_index(drawn.argmax().item(), drawn.shape)
     assert 300 * 6 / 7 <= x < 300 and 0 <= y < 300 / 7
 

@@ -1,0 +1,167 @@
+"""Locust load test of the real TorchServe endpoint, checking every answer.
+
+Run through ``make loadtest`` (``loadtest/run.py``), which starts the server, or by hand:
+
+    DVE_KEY_FILE=build/serve/key_file.json locust -f loadtest/locustfile.py \
+        --host http://127.0.0.1:8080 --headless -u 4 -r 4 -t 1m
+
+Environment:
+    DVE_KEY_FILE      TorchServe's key_file.json (the inference token is read from it)
+    DVE_SCENARIO      ``mix`` (default): our model, real photos of many sizes in JPEG and
+                      PNG, on /predictions and /explanations, with default and non-default
+                      options (JSON and multipart); ``explain``: raw photos, default
+                      options; ``stock``: TorchServe's stock image_classifier;
+                      ``stock-explain``: its /explanations (Captum Integrated Gradients)
+    DVE_MODEL         model name (default efficientnet_lite0)
+    DVE_RESULTS_FILE  if set, every request's (scenario, ms, ok) is appended to it (JSONL)
+
+A response with the wrong status, shape or map size counts as a failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import struct
+import sys
+from pathlib import Path
+
+from locust import HttpUser, constant, events, task
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from handler.imaging import CropGeometry  # noqa: E402  (the server's own geometry)
+from loadtest.photos import Photo, load_mix  # noqa: E402
+
+SCENARIO = os.environ.get("DVE_SCENARIO", "mix")
+MODEL = os.environ.get("DVE_MODEL", "efficientnet_lite0")
+PHOTOS = load_mix()
+_results = open(os.environ["DVE_RESULTS_FILE"], "a") if os.environ.get("DVE_RESULTS_FILE") else None
+
+
+@events.request.add_listener
+def _record(request_type, name, response_time, response_length, exception, **kwargs) -> None:
+    if _results is not None:
+        _results.write(json.dumps({"scenario": SCENARIO, "ms": response_time, "ok": exception is None, "bytes": response_length}) + "\n")
+
+
+@events.quitting.add_listener
+def _close(environment, **kwargs) -> None:
+    if _results is not None:
+        _results.flush()
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    """Width and height from a base64 PNG's header, without decoding the picture."""
+    header = base64.b64decode(b64[:32])
+    if header[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    return struct.unpack(">II", header[16:24])
+
+
+def check_ours(body: dict, photo: Photo, topk: int, explanations: tuple[str, ...], fmt: str, map_size) -> None:
+    """Raises AssertionError unless ``body`` is the answer this request should get."""
+    assert len(body["predictions"]) == topk, f"{len(body['predictions'])} predictions, asked {topk}"
+    assert body["image"] == {"width": photo.width, "height": photo.height}, body["image"]
+    assert set(body["explanations"]) == set(explanations), sorted(body["explanations"])
+    geometry = CropGeometry.centre_crop(photo.width, photo.height, 256, 224)
+    width, height = geometry.map_size(None if map_size == "original" else map_size)
+    for name, entry in body["explanations"].items():
+        assert (entry["format"], entry["width"], entry["height"]) == (fmt, width, height), entry.get("width")
+        if fmt == "array":
+            assert len(entry["data"]) == height and len(entry["data"][0]) == width
+        else:
+            assert _png_size(entry["data"]) == (width, height)
+        if name == "targeted_dve" and entry["box"] is not None:
+            x0, y0, x1, y1 = entry["box"]
+            assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height, entry["box"]
+
+
+class ExplainUser(HttpUser):
+    """A client that sends photos as fast as it gets answers (closed loop)."""
+
+    wait_time = constant(0)
+
+    def on_start(self) -> None:
+        key_file = Path(os.environ["DVE_KEY_FILE"])
+        self.token = json.loads(key_file.read_text())["inference"]["key"]
+        self.random = random.Random()
+
+    def _post(self, endpoint: str, photo: Photo, name: str, check, **kwargs) -> None:
+        headers = {"Authorization": f"Bearer {self.token}", **kwargs.pop("headers", {})}
+        with self.client.post(f"/{endpoint}/{MODEL}", headers=headers, name=name, catch_response=True, **kwargs) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
+                return
+            try:
+                check(response, photo)
+            except (AssertionError, KeyError, TypeError, ValueError) as error:
+                response.failure(f"wrong answer for {photo.name}: {error!r}")
+
+    def _raw(self, endpoint: str, name: str, check) -> None:
+        photo = self.random.choice(PHOTOS)
+        self._post(endpoint, photo, name, check, data=photo.data, headers={"Content-Type": photo.content_type})
+
+    @task
+    def scenario(self) -> None:
+        if SCENARIO == "mix":
+            self.random.choices(self._MIX, weights=[w for w, _ in self._MIX_WEIGHTED], k=1)[0](self)
+        elif SCENARIO == "explain":
+            self._raw("predictions", "predictions raw", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224))
+        elif SCENARIO == "noexplain":
+            self._raw("predictions", "predictions raw, no maps", lambda r, p: check_ours(r.json(), p, 5, (), "png", 224))
+        elif SCENARIO == "stock":
+            self._raw("predictions", "stock predictions", lambda r, p: _check_stock(r.json()))
+        elif SCENARIO == "stock-explain":
+            self._raw("explanations", "stock explanations (IG)", lambda r, p: _check_stock_explanation(r.json()))
+        else:
+            raise SystemExit(f"unknown DVE_SCENARIO {SCENARIO!r}")
+
+    # The mix: what real clients of our endpoint send.
+    def _default_predictions(self) -> None:
+        self._raw("predictions", "predictions raw", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224))
+
+    def _default_explanations(self) -> None:
+        self._raw("explanations", "explanations raw", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224))
+
+    def _json_overlay(self) -> None:
+        photo = self.random.choice(PHOTOS)
+        options = {"topk": 3, "explanations": ["targeted_dve"], "format": "overlay", "map_size": 128}
+        payload = {"image": base64.b64encode(photo.data).decode(), **options}
+        self._post("predictions", photo, "predictions json overlay", lambda r, p: check_ours(r.json(), p, 3, ("targeted_dve",), "overlay", 128), json=payload)
+
+    def _multipart_array(self) -> None:
+        photo = self.random.choice(PHOTOS)
+        fields = {"topk": "1", "explanations": "dve", "format": "array", "map_size": "32"}
+        files = {"image": (photo.name, photo.data, photo.content_type)}
+        self._post("explanations", photo, "explanations multipart array", lambda r, p: check_ours(r.json(), p, 1, ("dve",), "array", 32), data=fields, files=files)
+
+    def _no_maps(self) -> None:
+        photo = self.random.choice(PHOTOS)
+        payload = {"image": base64.b64encode(photo.data).decode(), "explanations": [], "topk": 10}
+        self._post("predictions", photo, "predictions json no maps", lambda r, p: check_ours(r.json(), p, 10, (), "png", 224), json=payload)
+
+    def _original_size(self) -> None:
+        photo = self.random.choice(PHOTOS[:6])  # original-size maps of the sub-megapixel photos
+        payload = {"image": base64.b64encode(photo.data).decode(), "map_size": "original"}
+        self._post("predictions", photo, "predictions json original size", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", "original"), json=payload)
+
+    _MIX_WEIGHTED = [
+        (6, _default_predictions),
+        (3, _default_explanations),
+        (1, _json_overlay),
+        (1, _multipart_array),
+        (1, _no_maps),
+        (1, _original_size),
+    ]
+    _MIX = [f for _, f in _MIX_WEIGHTED]
+
+
+def _check_stock(body: dict) -> None:
+    assert isinstance(body, dict) and len(body) == 5 and all(0 <= v <= 1 for v in body.values()), body
+
+
+def _check_stock_explanation(body) -> None:
+    assert isinstance(body, list) and len(body) == 3, type(body)  # 3 x 224 x 224 attributions

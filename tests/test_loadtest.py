@@ -1,0 +1,45 @@
+"""The load test's own checks catch wrong answers, and a short Locust run passes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadtest.locustfile import check_ours
+from loadtest.photos import load_mix
+from loadtest.run import run_locust, seconds, summarize
+
+PHOTO = load_mix()[0]  # chelsea.jpg, 451 x 300
+
+
+def answer(**overrides) -> dict:
+    entry = {"format": "array", "width": 32, "height": 21, "data": [[0.0] * 32] * 21}
+    body = {"predictions": [{"index": 1, "label": "x", "probability": 0.5}], "image": {"width": 451, "height": 300}, "explanations": {"dve": entry}}
+    body.update(overrides)
+    return body
+
+
+def test_a_correct_answer_passes_and_wrong_ones_fail():
+    check_ours(answer(), PHOTO, 1, ("dve",), "array", 32)
+    for wrong in (
+        answer(predictions=[]),
+        answer(image={"width": 300, "height": 451}),
+        answer(explanations={}),
+        answer(explanations={"dve": {"format": "array", "width": 32, "height": 32, "data": [[0.0] * 32] * 32}}),
+    ):
+        with pytest.raises(AssertionError):
+            check_ours(wrong, PHOTO, 1, ("dve",), "array", 32)
+
+
+def test_durations_in_locust_syntax():
+    assert [seconds(d) for d in ("90", "90s", "2m", "1h30m")] == [90, 90, 120, 5400]
+
+
+def test_a_short_locust_run_of_the_mix_has_no_failure(server, tmp_path):
+    results = tmp_path / "requests.jsonl"
+    code = run_locust(server, "mix", users=2, duration=8, prefix=tmp_path / "mix", results=results)
+    summary = summarize(results, {"mix": 8})["mix"]
+    assert code == 0 and summary["requests"] >= 5 and summary["failures"] == 0, summary
+    assert (tmp_path / "mix_stats.csv").exists()
+    assert all(json.loads(line)["ok"] for line in results.read_text().splitlines())
