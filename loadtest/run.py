@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compare", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay", type=int, default=5)
+    parser.add_argument("--torch-threads", type=int, help="PyTorch threads per worker (OMP_NUM_THREADS); default: PyTorch's own")
     parser.add_argument("--report-dir", type=Path, default=ROOT / "build" / "loadtest" / time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args(argv)
     report_dir = args.report_dir
@@ -220,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     results = report_dir / "requests.jsonl"
     durations: dict[str, int] = {}
     failed = False
-    server = ts_server.start([OURS, NO_MAPS, STOCK], run_dir=run_dir, model_store=store, port_base=PORT_BASE)
+    env = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else None
+    server = ts_server.start([OURS, NO_MAPS, STOCK], run_dir=run_dir, model_store=store, port_base=PORT_BASE, env=env)
     try:
         print(f"TorchServe up at {server.inference_url}; report in {report_dir}", flush=True)
         phases: list[tuple[str, int, int]] = [("mix", args.users, seconds(args.duration))]

@@ -188,19 +188,19 @@ def bench(
     """Median ms and peak MB per variant; a skip reason where one run would not fit the budget."""
     device = explainer.device
     runs = variants(explainer, model_name, batch_size, photos)
-    results: dict[str, tuple[float, float] | str] = {}
+    results: dict[str, tuple[float, float] | str] = {name: (0.0, 0.0) for name in runs}
     for name in list(runs)[1:]:  # the forward pass always runs: it is the yardstick
         estimate = per_image_ms.get(name, 0.0) * batch_size / 1000.0
         if estimate > budget:
             results[name] = f"skipped (one run ~{estimate:.0f} s)"
             del runs[name]
     first: dict[str, float] = {}
-    for name, run in runs.items():  # warm-up, then one run for the memory peak
+    for name, run in runs.items():  # warm-up (also the cost estimate), then the memory peak
+        timed(run, device)
         first[name] = timed(run, device)
         with PeakMemory(device) as memory:
             run()
         results[name] = (0.0, memory.peak_mb)
-        per_image_ms[name] = first[name] / batch_size
     cost = sum(first.values()) / 1000.0
     count = max(3, min(repeats, int(budget / max(cost, 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -210,6 +210,7 @@ def bench(
             times[name].append(timed(runs[name], device))
     for name, values in times.items():
         results[name] = (statistics.median(values), results[name][1])  # type: ignore[index]
+        per_image_ms[name] = results[name][0] / batch_size  # type: ignore[index]
     return results
 
 

@@ -97,8 +97,8 @@ def _torchserve() -> str:
     return found
 
 
-def _environment(run_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
+def _environment(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, **(extra or {}))
     # TEMP holds the PID file: one per run folder, so servers do not see each other.
     env.update(TEMP=str(run_dir), LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
     return env
@@ -112,8 +112,13 @@ def start(
     model_store: Path = DEFAULT_STORE,
     port_base: int | None = None,
     timeout: float = 300.0,
+    env: dict[str, str] | None = None,
 ) -> Server:
-    """Starts TorchServe with ``models`` (names of ``<name>.mar`` in the store), waits for READY."""
+    """Starts TorchServe with ``models`` (names of ``<name>.mar`` in the store), waits for READY.
+
+    ``env`` adds environment variables for the server and its workers (e.g.
+    ``OMP_NUM_THREADS``, which sets each worker's PyTorch threads).
+    """
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     missing = [name for name in models if not (Path(model_store) / f"{name}.mar").exists()]
@@ -135,7 +140,7 @@ def start(
         "--models", *[f"{name}={name}.mar" for name in models],
     ]
     with open(run_dir / "torchserve.out", "ab") as out:
-        subprocess.run(command, cwd=run_dir, env=_environment(run_dir), stdout=out, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(command, cwd=run_dir, env=_environment(run_dir, env), stdout=out, stderr=subprocess.STDOUT, check=True)
     try:
         wait_ready(server, models, timeout)
     except ServerError:
