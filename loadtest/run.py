@@ -53,7 +53,7 @@ TARGETS = {  # scenario -> (model, label)
 
 def seconds(duration: str) -> int:
     """Locust's duration syntax (``90``, ``90s``, ``2m``, ``1h30m``) in seconds."""
-    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", duration.strip())
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s?)?", duration.strip())  # "0": no load-test phase
     if not parts or not any(parts.groups()):
         raise SystemExit(f"error: bad duration {duration!r}; use e.g. 90s, 2m, 1h")
     h, m, s = (int(g or 0) for g in parts.groups())
@@ -165,7 +165,8 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
         "# Load test report",
         "",
         f"Machine: {os.cpu_count()} CPU cores. Server: TorchServe, 1 worker per model, batch size {args.batch_size}, "
-        f"max batch delay {args.max_batch_delay} ms. Client: Locust on the same machine, closed loop (no wait).",
+        f"max batch delay {args.max_batch_delay} ms, PyTorch threads per worker: {args.torch_threads or 'PyTorch default'}. "
+        "Client: Locust on the same machine, closed loop (no wait).",
         "",
         "| phase | requests | failures | requests/s | p50 ms | p95 ms | p99 ms | mean response bytes |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-rounds", type=int, default=3)
     parser.add_argument("--compare-seconds", type=int, default=20)
     parser.add_argument("--no-compare", action="store_true")
+    parser.add_argument("--no-ig", action="store_true", help="leave out the stock /explanations phase")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay", type=int, default=5)
     parser.add_argument("--torch-threads", type=int, help="PyTorch threads per worker (OMP_NUM_THREADS); default: PyTorch's own")
@@ -225,18 +227,20 @@ def main(argv: list[str] | None = None) -> int:
     server = ts_server.start([OURS, NO_MAPS, STOCK], run_dir=run_dir, model_store=store, port_base=PORT_BASE, env=env)
     try:
         print(f"TorchServe up at {server.inference_url}; report in {report_dir}", flush=True)
-        phases: list[tuple[str, int, int]] = [("mix", args.users, seconds(args.duration))]
+        phases: list[tuple[str, int, int]] = [("mix", args.users, seconds(args.duration))] if seconds(args.duration) else []
         if not args.no_compare:
             for _ in range(args.compare_rounds):
                 phases += [(s, args.users, args.compare_seconds) for s in ("stock", "explain", "noexplain")]
-            phases.append(("stock-explain", 1, args.compare_seconds))
+            if not args.no_ig:
+                phases.append(("stock-explain", 1, args.compare_seconds))
         for i, (scenario, users, duration) in enumerate(phases):
             code = run_locust(server, scenario, users, duration, report_dir / f"{i:02d}-{scenario}", results)
             failed |= code != 0
             durations[scenario] = durations.get(scenario, 0) + duration
     finally:
         ts_server.stop(run_dir)
-    plot_history(report_dir / "00-mix_stats_history.csv", report_dir / "latency.png", f"Load test: mix, {args.users} users")
+    if (report_dir / "00-mix_stats_history.csv").exists():
+        plot_history(report_dir / "00-mix_stats_history.csv", report_dir / "latency.png", f"Load test: mix, {args.users} users")
     summary = summarize(results, durations)
     print("\n" + report(summary, args, report_dir))
     failures = sum(s["failures"] for s in summary.values())
