@@ -115,7 +115,12 @@ def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(s
     for response in responses[1 : 1 + len(bad)]:
         assert response.json()["code"] == 400 and response.json()["message"]
     assert worker_pids(server, "efficientnet_lite0") == pids  # no worker restarted
-    assert post_image(server, "efficientnet_lite0", photos["coffee"]).status_code == 200
+    alone = post_image(server, "efficientnet_lite0", photos["chelsea"]).json()  # the normal answer
+    for response in (responses[0], *responses[-2:]):
+        body = response.json()
+        assert [p["index"] for p in body["predictions"]] == [p["index"] for p in alone["predictions"]]
+        assert [p["probability"] for p in body["predictions"]] == pytest.approx([p["probability"] for p in alone["predictions"]], abs=1e-4)
+        assert body["explanations"].keys() == alone["explanations"].keys() and body["image"] == alone["image"]
 
 
 def test_vgg16_explains_its_final_pooling_layer(server, photos):
