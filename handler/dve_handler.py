@@ -151,8 +151,10 @@ def emit_metrics(metrics, results: list[Result], timings: Timings, handler_ms: f
 
     Stage times are counters of milliseconds (their rate over the batch count's rate
     is the mean per batch); the batch size is a histogram; failures are counted by class.
+    Each call gets its own dimensions list: TorchServe appends its default dimensions
+    to the list it is given, and its own default argument is one shared list.
     """
-    metrics.add_time("HandlerTime", round(handler_ms, 2), None, "ms")
+    metrics.add_time("HandlerTime", round(handler_ms, 2), None, "ms", [])
     for name, value in (
         ("DVEDecodeTime", timings.decode),
         ("DVEForwardTime", timings.forward),
@@ -161,8 +163,8 @@ def emit_metrics(metrics, results: list[Result], timings: Timings, handler_ms: f
     ):
         metrics.add_metric(name, round(value, 3), "ms", None, [], MetricTypes.COUNTER)
     metrics.add_metric("DVEBatchSize", len(results), "count", None, [], MetricTypes.HISTOGRAM)
-    metrics.add_counter("DVEBadRequests", sum(400 <= result.status < 500 for result in results))
-    metrics.add_counter("DVEInternalErrors", sum(result.status >= 500 for result in results))
+    metrics.add_counter("DVEBadRequests", sum(400 <= result.status < 500 for result in results), None, [])
+    metrics.add_counter("DVEInternalErrors", sum(result.status >= 500 for result in results), None, [])
 
 
 def _reason_phrase(status: int) -> str:
