@@ -217,3 +217,20 @@ def test_any_input_gets_one_answer_per_request_and_never_fails_the_batch(service
         assert content_type == "application/json"
         assert status in (200, 400, 413), body  # a 500 would be a bug caught by the last resort
         assert ("predictions" in body) if status == 200 else (body["code"] == status and body["message"])
+
+
+def test_a_bug_while_parsing_fails_its_own_request_only(service, photos, monkeypatch):
+    from handler import dve_handler
+
+    parse = dve_handler.parse_request
+
+    def buggy(request, **kwargs):
+        if request.get("body") == bytearray(b"boom"):
+            raise KeyError("a bug")
+        return parse(request, **kwargs)
+
+    monkeypatch.setattr(dve_handler, "parse_request", buggy)
+    batch = [encode_request("bug", [("body", "image/jpeg", b"boom")]), encode_request("ok", [("body", "image/jpeg", photos["coffee"])])]
+    batch_status, results = predict(service, batch)
+    assert batch_status == 200
+    assert [(status, body.get("code")) for status, _, body in results] == [(500, 500), (200, None)]
