@@ -6,7 +6,16 @@ postprocess) and fixes two things the stock handlers get wrong for this use:
 * every request of a batch is read on its own (the stock handler lets request 0 decide
   the options of the whole batch) and is answered with its own status;
 * ``/predictions`` and ``/explanations`` return the same thing: the prediction joined
-  by DVE and targeted DVE, never an explanation instead of the prediction.
+  by DVE and targeted DVE, never an explanation instead of the prediction;
+* nothing a request sends can fail the batch: a bug answers its own request with 500
+  (logged with its traceback, never with the request).
+
+Under TorchServe's ``kservev2`` service envelope (KServe v2 / Open Inference Protocol)
+the handler sees the input tensors of one HTTP request instead of a batch of requests;
+each tensor is answered like a request, with the same JSON, as one BYTES output.
+
+Per batch it reports the time spent decoding, in the forward pass, in DVE and in
+encoding, the batch size, and the requests that failed (``metrics.yaml``).
 
 The work itself is in ``handler.explainer`` (no TorchServe import), so tests and
 offline tools run exactly this code path.
@@ -16,16 +25,18 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 
 from handler.config import ServingConfig
-from handler.errors import RequestError
-from handler.explainer import Explainer, Result
+from handler.errors import RequestError, internal_error
+from handler.explainer import Explainer, Result, Timings
 from handler.models import imagenet_labels, read_labels
-from handler.options import ParsedRequest, parse_request
+from handler.options import ParsedRequest, is_inference_tensor, parse_request
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +94,8 @@ class DVEHandler:
                 )
             except RequestError as error:
                 parsed.append(error)
+            except Exception:  # a bug must fail its own request only
+                parsed.append(internal_error("parsing a request"))
         return parsed
 
     def inference(self, requests: list[ParsedRequest | RequestError]) -> list[Result]:
@@ -95,17 +108,32 @@ class DVEHandler:
         for idx, result in enumerate(results):
             context.set_response_content_type(idx, "application/json")
             if result.status != 200:
-                context.set_response_status(result.status, result.body["message"], idx)
+                context.set_response_status(result.status, _reason_phrase(result.status), idx)
             responses.append(result.to_bytes())
         return responses
 
-    def handle(self, data: list[dict[str, Any]], context) -> list[bytes]:
-        """TorchServe's entry point: one JSON response per request, in order."""
+    def postprocess_tensors(self, results: list[Result], context) -> list[str]:
+        """Compact JSON per input tensor of one KServe v2 request, as text.
+
+        The envelope turns each text into a BYTES output tensor (bytes would fail its
+        type mapping). The one HTTP response takes the first failing tensor's status.
+        """
+        context.set_response_content_type(0, "application/json")
+        failed = next((result for result in results if result.status != 200), None)
+        if failed is not None:
+            context.set_response_status(failed.status, _reason_phrase(failed.status), 0)
+        return [result.to_bytes().decode("utf-8") for result in results]
+
+    def handle(self, data: list[dict[str, Any]], context) -> list[bytes] | list[str]:
+        """TorchServe's entry point: one JSON response per request (or input tensor), in order."""
         start = time.perf_counter()
-        responses = self.postprocess(self.inference(self.preprocess(data, context)), context)
+        results = self.inference(self.preprocess(data, context))
+        if data and all(is_inference_tensor(request) for request in data):
+            responses = self.postprocess_tensors(results, context)
+        else:
+            responses = self.postprocess(results, context)
         timings = self.explainer.timings
-        metrics = context.metrics
-        metrics.add_time("HandlerTime", round((time.perf_counter() - start) * 1000.0, 2), None, "ms")
+        emit_metrics(context.metrics, results, timings, (time.perf_counter() - start) * 1000.0)
         logger.debug(
             "batch of %d (%d ok): decode %.1f ms, forward %.1f ms, dve %.1f ms, encode %.1f ms",
             len(data),
@@ -118,8 +146,41 @@ class DVEHandler:
         return responses
 
 
+def emit_metrics(metrics, results: list[Result], timings: Timings, handler_ms: float) -> None:
+    """Reports one batch to TorchServe's metrics (declared in the project's ``metrics.yaml``).
+
+    Stage times are counters of milliseconds (their rate over the batch count's rate
+    is the mean per batch); the batch size is a histogram; failures are counted by class.
+    Each call gets its own dimensions list: TorchServe appends its default dimensions
+    to the list it is given, and its own default argument is one shared list.
+    """
+    metrics.add_time("HandlerTime", round(handler_ms, 2), None, "ms", [])
+    for name, value in (
+        ("DVEDecodeTime", timings.decode),
+        ("DVEForwardTime", timings.forward),
+        ("DVEExplainTime", timings.dve),
+        ("DVEEncodeTime", timings.encode),
+    ):
+        metrics.add_metric(name, round(value, 3), "ms", None, [], MetricTypes.COUNTER)
+    metrics.add_metric("DVEBatchSize", len(results), "count", None, [], MetricTypes.HISTOGRAM)
+    metrics.add_counter("DVEBadRequests", sum(400 <= result.status < 500 for result in results), None, [])
+    metrics.add_counter("DVEInternalErrors", sum(result.status >= 500 for result in results), None, [])
+
+
+def _reason_phrase(status: int) -> str:
+    """The standard HTTP reason phrase; the message itself is in the JSON body.
+
+    TorchServe frames the phrase by its length in characters but sends it as UTF-8, so
+    a phrase with a non-ASCII character (an error message quoting a request's value)
+    would corrupt the response stream between worker and frontend.
+    """
+    return HTTPStatus(status).phrase
+
+
 def _body_content_type(context, idx: int, request: dict[str, Any]) -> str | None:
     """The Content-Type of a request's body, as the frontend recorded it."""
+    if is_inference_tensor(request):
+        return None  # a tensor of a KServe v2 request: not a request of its own
     for key in ("body", "data"):
         if key in request:
             header = context.get_request_header(idx, key)

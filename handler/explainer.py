@@ -21,7 +21,7 @@ from torch import nn
 
 from handler import dve, imaging
 from handler.config import ServingConfig
-from handler.errors import RequestError
+from handler.errors import RequestError, internal_error
 from handler.layers import FeatureCapture, resolve_feature_layer
 from handler.models import CUSTOM, build_model, load_weights
 from handler.options import ParsedRequest, RequestOptions
@@ -150,11 +150,17 @@ class Explainer:
                 prepared.append(request if isinstance(request, RequestError) else self.prepare(request))
             except RequestError as error:
                 prepared.append(error)
+            except Exception:  # a bug must fail its own request only
+                prepared.append(internal_error("decoding an image"))
         ok = [i for i, item in enumerate(prepared) if isinstance(item, PreparedImage)]
         timings.decode = _ms_since(start)
         results = [Result.error(item) if isinstance(item, RequestError) else None for item in prepared]
         if ok:
-            for i, result in zip(ok, self._answer([prepared[i] for i in ok], timings)):
+            try:
+                answers = self._answer([prepared[i] for i in ok], timings)
+            except Exception:  # the batch's shared work failed: its requests, not the worker
+                answers = [Result.error(internal_error("answering a batch"))] * len(ok)
+            for i, result in zip(ok, answers):
                 results[i] = result
         timings.batch_size = len(ok)
         self.timings = timings

@@ -6,7 +6,10 @@ Content-Type before the handler sees it):
 * a raw image body (``image/jpeg``, ``application/octet-stream``, ...): ``{"body": bytes}``,
   every option at its default;
 * a JSON object (``application/json``): ``{"body": {"image": "<base64>", "topk": 3, ...}}``;
-* multipart form fields (``multipart/form-data``): ``{"image": bytes, "topk": "3", ...}``.
+* multipart form fields (``multipart/form-data``): ``{"image": bytes, "topk": "3", ...}``;
+* under TorchServe's ``kservev2`` envelope, one input tensor of a KServe v2 / Open
+  Inference Protocol request: ``{"name": ..., "datatype": "BYTES", "data": "<base64>",
+  "parameters": {"topk": 3, ...}}`` (see ``is_inference_tensor``).
 
 Every problem becomes a ``RequestError`` carrying the HTTP status for that one request.
 """
@@ -86,7 +89,34 @@ def parse_request(
     return ParsedRequest(image, options)
 
 
+def is_inference_tensor(data: Any) -> bool:
+    """True for one input tensor of a KServe v2 / Open Inference Protocol request.
+
+    TorchServe's ``kservev2`` envelope hands the handler the ``inputs`` of one HTTP
+    request, one tensor per list entry, with ``name``, ``datatype``, ``shape``, any
+    ``parameters``, and as ``data`` the first element of a BYTES tensor's data.
+    """
+    return isinstance(data, Mapping) and "datatype" in data and "name" in data
+
+
+def _tensor_fields(tensor: Mapping[str, Any]) -> dict[str, Any]:
+    """The image (the tensor's data) and the options (its parameters) of one input tensor."""
+    if tensor["datatype"] != "BYTES":
+        raise RequestError(
+            f"input {tensor['name']!r} has datatype {tensor['datatype']!r}; "
+            "send the image as a BYTES tensor whose one element is the image's base64"
+        )
+    parameters = tensor.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise RequestError("an input's 'parameters' must be an object of options such as {\"topk\": 3}")
+    if "image" in parameters:
+        raise RequestError("the image goes in the input's 'data', not in its 'parameters'")
+    return {**parameters, "image": tensor.get("data")}
+
+
 def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]:
+    if is_inference_tensor(data):
+        return _tensor_fields(data)
     body_keys = [key for key in BODY_KEYS if key in data]
     if not body_keys:
         return {key: _text_field(value) if key != "image" else value for key, value in data.items()}
@@ -100,6 +130,14 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
         if isinstance(body, (bytes, bytearray)):
             raise RequestError("the body is declared application/json but is not valid JSON")
         raise RequestError("a JSON body must be an object such as {\"image\": \"<base64>\", \"topk\": 5}")
+    if isinstance(body, str):  # TorchServe decodes text/* bodies: only base64 text can be an image
+        try:
+            return {"image": _image_bytes(body)}
+        except RequestError:
+            raise RequestError(
+                "the body is text, not an image: send the image's bytes with Content-Type image/jpeg, "
+                "image/png or application/octet-stream, or JSON {\"image\": \"<base64>\"}"
+            ) from None
     return {"image": body}
 
 
@@ -131,8 +169,9 @@ def _int(value: Any, name: str) -> int:
         raise RequestError(f"'{name}' must be an integer, not a boolean")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("+").isdigit():
-        return int(value)
+    digits = value.strip().lstrip("+") if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit():  # str.isdigit alone accepts "²", which int() refuses
+        return int(digits)
     raise RequestError(f"'{name}' must be an integer, got {value!r}")
 
 

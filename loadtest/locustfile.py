@@ -24,7 +24,6 @@ import base64
 import json
 import os
 import random
-import struct
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from locust import HttpUser, constant, events, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from handler.imaging import CropGeometry  # noqa: E402  (the server's own geometry)
+from loadtest.checks import check_ours, check_stock, check_stock_explanation  # noqa: E402
 from loadtest.photos import Photo, load_mix  # noqa: E402
 
 SCENARIO = os.environ.get("DVE_SCENARIO", "mix")
@@ -51,32 +50,6 @@ def _record(request_type, name, response_time, response_length, exception, **kwa
 def _close(environment, **kwargs) -> None:
     if _results is not None:
         _results.flush()
-
-
-def _png_size(b64: str) -> tuple[int, int]:
-    """Width and height from a base64 PNG's header, without decoding the picture."""
-    header = base64.b64decode(b64[:32])
-    if header[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError("not a PNG")
-    return struct.unpack(">II", header[16:24])
-
-
-def check_ours(body: dict, photo: Photo, topk: int, explanations: tuple[str, ...], fmt: str, map_size) -> None:
-    """Raises AssertionError unless ``body`` is the answer this request should get."""
-    assert len(body["predictions"]) == topk, f"{len(body['predictions'])} predictions, asked {topk}"
-    assert body["image"] == {"width": photo.width, "height": photo.height}, body["image"]
-    assert set(body["explanations"]) == set(explanations), sorted(body["explanations"])
-    geometry = CropGeometry.centre_crop(photo.width, photo.height, 256, 224)
-    width, height = geometry.map_size(None if map_size == "original" else map_size)
-    for name, entry in body["explanations"].items():
-        assert (entry["format"], entry["width"], entry["height"]) == (fmt, width, height), entry.get("width")
-        if fmt == "array":
-            assert len(entry["data"]) == height and len(entry["data"][0]) == width
-        else:
-            assert _png_size(entry["data"]) == (width, height)
-        if name == "targeted_dve" and entry["box"] is not None:
-            x0, y0, x1, y1 = entry["box"]
-            assert 0 <= x0 < x1 <= photo.width and 0 <= y0 < y1 <= photo.height, entry["box"]
 
 
 class ExplainUser(HttpUser):
@@ -113,9 +86,9 @@ class ExplainUser(HttpUser):
         elif SCENARIO == "noexplain":
             self._raw("predictions", "predictions raw, no maps", lambda r, p: check_ours(r.json(), p, 5, (), "png", 224))
         elif SCENARIO == "stock":
-            self._raw("predictions", "stock predictions", lambda r, p: _check_stock(r.json()))
+            self._raw("predictions", "stock predictions", lambda r, p: check_stock(r.json()))
         elif SCENARIO == "stock-explain":
-            self._raw("explanations", "stock explanations (IG)", lambda r, p: _check_stock_explanation(r.json()))
+            self._raw("explanations", "stock explanations (IG)", lambda r, p: check_stock_explanation(r.json()))
         else:
             raise SystemExit(f"unknown DVE_SCENARIO {SCENARIO!r}")
 
@@ -157,11 +130,3 @@ class ExplainUser(HttpUser):
         (1, _original_size),
     ]
     _MIX = [f for _, f in _MIX_WEIGHTED]
-
-
-def _check_stock(body: dict) -> None:
-    assert isinstance(body, dict) and len(body) == 5 and all(0 <= v <= 1 for v in body.values()), body
-
-
-def _check_stock_explanation(body) -> None:
-    assert isinstance(body, list) and len(body) == 3, type(body)  # 3 x 224 x 224 attributions

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -209,7 +210,9 @@ def build(args: argparse.Namespace) -> Path:
         ]
         if args.model_file:
             command += ["--model-file", str(args.model_file)]
-        subprocess.run(command, check=True)
+        # The archiver stages files in $TMPDIR/<model name>: a private TMPDIR keeps two
+        # builds of the same model on one host (two checkouts' tests) from colliding.
+        subprocess.run(command, check=True, env={**os.environ, "TMPDIR": str(workdir)})
     mar = args.export_path / f"{name}.mar"
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
     return mar

@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.properties"
@@ -46,6 +47,7 @@ class Server:
     inference_url: str
     management_url: str
     metrics_url: str
+    grpc_inference_port: int
 
     @property
     def key_file(self) -> Path:
@@ -71,9 +73,27 @@ def read_properties(path: Path) -> dict[str, str]:
     return properties
 
 
-def write_config(base: Path, run_dir: Path, port_base: int | None) -> tuple[Path, dict[str, str]]:
-    """The config the server runs with: ``base``, with other ports if asked."""
+def _literal_regex(text: str) -> str:
+    """A Java regex matching ``text`` only, without backslashes (a properties file eats them)."""
+    return "".join(f"[{c}]" if c in ".^$*+?{}[]|()" else c for c in text)
+
+
+def write_config(
+    base: Path,
+    run_dir: Path,
+    port_base: int | None,
+    model_store: Path = DEFAULT_STORE,
+    extra: Mapping[str, str] | None = None,
+) -> tuple[Path, dict[str, str]]:
+    """The config the server runs with: ``base``, with other ports and ``extra`` properties if asked.
+
+    ``allowed_urls`` becomes the model store itself, and a relative ``metrics_config``
+    is resolved against ``base``'s folder (TorchServe would resolve it against the run folder).
+    """
     properties = read_properties(base)
+    properties["allowed_urls"] = f"file://{_literal_regex(str(Path(model_store).resolve()))}/.*"
+    if "metrics_config" in properties:
+        properties["metrics_config"] = str((Path(base).resolve().parent / properties["metrics_config"]).resolve())
     if port_base is not None:
         properties.update(
             inference_address=f"http://127.0.0.1:{port_base}",
@@ -82,6 +102,7 @@ def write_config(base: Path, run_dir: Path, port_base: int | None) -> tuple[Path
             grpc_inference_port=str(port_base + 4),
             grpc_management_port=str(port_base + 5),
         )
+    properties.update(extra or {})
     config = run_dir / "config.properties"
     config.write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
     return config, properties
@@ -111,12 +132,14 @@ def start(
     config: Path = DEFAULT_CONFIG,
     model_store: Path = DEFAULT_STORE,
     port_base: int | None = None,
+    properties: Mapping[str, str] | None = None,
     timeout: float = 300.0,
     env: dict[str, str] | None = None,
 ) -> Server:
     """Starts TorchServe with ``models`` (names of ``<name>.mar`` in the store), waits for READY.
 
-    ``env`` adds environment variables for the server and its workers (e.g.
+    ``properties`` override those of ``config`` (e.g. ``service_envelope``); ``env``
+    adds environment variables for the server and its workers (e.g.
     ``OMP_NUM_THREADS``, which sets each worker's PyTorch threads).
     """
     run_dir = Path(run_dir).resolve()
@@ -124,12 +147,13 @@ def start(
     missing = [name for name in models if not (Path(model_store) / f"{name}.mar").exists()]
     if missing:
         raise ServerError(f"no archive for {missing} in {model_store}: build it with scripts/build_mar.py")
-    config_file, properties = write_config(Path(config), run_dir, port_base)
+    config_file, settings = write_config(Path(config), run_dir, port_base, model_store, properties)
     server = Server(
         run_dir,
-        properties["inference_address"],
-        properties["management_address"],
-        properties["metrics_address"],
+        settings["inference_address"],
+        settings["management_address"],
+        settings["metrics_address"],
+        int(settings.get("grpc_inference_port", "7070")),
     )
     command = [
         _torchserve(),
@@ -137,8 +161,9 @@ def start(
         "--ncs",  # no config snapshot: start exactly what is asked, every time
         "--ts-config", str(config_file),
         "--model-store", str(Path(model_store).resolve()),
-        "--models", *[f"{name}={name}.mar" for name in models],
     ]
+    if models:
+        command += ["--models", *[f"{name}={name}.mar" for name in models]]
     with open(run_dir / "torchserve.out", "ab") as out:
         subprocess.run(command, cwd=run_dir, env=_environment(run_dir, env), stdout=out, stderr=subprocess.STDOUT, check=True)
     try:
@@ -174,20 +199,23 @@ def _load_failure(server: Server, model: str) -> str | None:
 
 
 def wait_ready(server: Server, models: list[str], timeout: float) -> None:
-    """Polls the management API until each model has a READY worker; fails fast if one cannot load."""
+    """Polls the management API until it answers and each model has a READY worker; fails fast if one cannot load."""
     deadline = time.monotonic() + timeout
     pending = list(models)
-    while pending:
+    while True:
         if time.monotonic() > deadline:
             raise ServerError(f"models {pending} not READY after {timeout:.0f} s; see {server.log_dir}/model_log.log and ts_log.log")
         if not _running(server.run_dir):
             raise ServerError(f"TorchServe exited; see {server.run_dir}/torchserve.out and {server.log_dir}/ts_log.log")
-        failure = _load_failure(server, pending[0])
+        failure = _load_failure(server, pending[0]) if pending else None
         if failure:
             raise ServerError(f"model {pending[0]} failed to load: {failure} (full log: {server.log_dir}/model_log.log)")
         try:
             if server.key_file.exists():
-                status, body = _get(f"{server.management_url}/models/{pending[0]}", server.token("management"))
+                path = f"/models/{pending[0]}" if pending else "/models"
+                status, body = _get(f"{server.management_url}{path}", server.token("management"))
+                if status == 200 and not pending:
+                    return
                 if status == 200 and any(w.get("status") == "READY" for w in json.loads(body)[0].get("workers", [])):
                     pending.pop(0)
                     continue

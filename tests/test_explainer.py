@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from handler.config import RequestDefaults
-from handler.errors import RequestError
+from handler.errors import INTERNAL_ERROR_MESSAGE, RequestError
 from handler.explainer import Explainer
 from handler.options import ParsedRequest, RequestOptions
 
@@ -102,6 +102,33 @@ def test_bad_requests_fail_alone_and_the_rest_of_the_batch_succeeds(lite0_explai
     assert "not an image" in results[1].body["message"]
     assert results[2].body == {"code": 400, "type": "BadRequest", "message": "'topk' must be an integer"}
     assert results[5].body["predictions"][0]["label"] == "espresso"
+
+
+def test_a_bug_answers_its_own_request_with_500_and_logs_no_request(lite0_explainer, photos, monkeypatch, caplog):
+    """An unexpected exception while decoding one image fails that request only."""
+    prepare = lite0_explainer.prepare
+
+    def buggy(request):
+        if request.image == photos["rocket"]:
+            raise ZeroDivisionError("a bug")
+        return prepare(request)
+
+    monkeypatch.setattr(lite0_explainer, "prepare", buggy)
+    results = lite0_explainer.run([ParsedRequest(photos[name], DEFAULT) for name in ("chelsea", "rocket", "coffee")])
+    assert [r.status for r in results] == [200, 500, 200]
+    assert results[1].body == {"code": 500, "type": "InternalServerError", "message": INTERNAL_ERROR_MESSAGE}
+    assert "ZeroDivisionError: a bug" in caplog.text and "Traceback" in caplog.text
+    assert base64.b64encode(photos["rocket"][:60]).decode() not in caplog.text
+
+
+def test_a_failed_forward_pass_fails_its_batch_requests_but_not_the_bad_ones(lite0_explainer, photos, monkeypatch, caplog):
+    def out_of_order(pixels):
+        raise RuntimeError("the device went away")
+
+    monkeypatch.setattr(lite0_explainer, "forward", out_of_order)
+    results = lite0_explainer.run([ParsedRequest(photos["chelsea"], DEFAULT), ParsedRequest(b"not an image", DEFAULT)])
+    assert [r.status for r in results] == [500, 400]
+    assert "RuntimeError: the device went away" in caplog.text
 
 
 def test_too_large_float_array_is_refused_with_a_hint(lite0_explainer, photos):

@@ -15,13 +15,17 @@ import struct
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ts
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import _retrieve_request
 from ts.service import Service
 
 from handler.dve_handler import DVEHandler
+from tests.conftest import encode
 
 
 def _frame(data: bytes) -> bytes:
@@ -134,3 +138,99 @@ def test_predictions_and_explanations_give_the_same_answer(service, photos):
     assert s1 == s2 == 200
     assert explained["predictions"] == predicted["predictions"]
     assert explained["explanations"].keys() == predicted["explanations"].keys() == {"dve", "targeted_dve"}
+
+
+# Property: whatever arrives, handle() answers every request of the batch, in order,
+# with a JSON body and a status of its own, and never raises (which would fail the batch).
+def _seed_images() -> list[bytes]:
+    from PIL import Image
+
+    x = np.linspace(0, 255, 48, dtype=np.uint8)
+    picture = np.stack([np.tile(x, (32, 1)), np.tile(x[:32, None], (1, 48)), np.full((32, 48), 90, np.uint8)], axis=2)
+    image = Image.fromarray(picture)
+    return [encode(picture, quality=80), encode(image, "PNG"), encode(image.convert("P"), "GIF"), encode(image.convert("LA"), "PNG")]
+
+
+SEED_IMAGES = _seed_images()
+
+
+@st.composite
+def mutated_images(draw) -> bytes:
+    """A valid small image with a few bytes changed, cut out or inserted (or none)."""
+    data = bytearray(draw(st.sampled_from(SEED_IMAGES)))
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2, 4]))):
+        position = draw(st.integers(0, max(len(data) - 1, 0)))
+        operation = draw(st.sampled_from(["replace", "cut", "insert"]))
+        if operation == "replace" and data:
+            data[position] = draw(st.integers(0, 255))
+        elif operation == "cut":
+            del data[position : position + draw(st.integers(1, 400))]
+        else:
+            data[position:position] = draw(st.binary(max_size=16))
+    return bytes(data)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+OPTION_VALUES = JSON_VALUES | st.sampled_from(
+    [1, 3, "2", "dve", "targeted_dve", "dve,targeted_dve", ["dve"], [], "none", "png", "overlay", "array", 8, 64, "64", "original"]
+)
+VALID_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "topk": st.integers(1, 1000) | st.integers(1, 1000).map(str),
+        "explanations": st.sampled_from([[], ["dve"], ["targeted_dve"], ["dve", "targeted_dve"], "dve", "targeted_dve,dve"]),
+        "format": st.sampled_from(["png", "overlay", "array"]),
+        "map_size": st.sampled_from([8, 64, "96", "original"]),
+    },
+)
+ANY_OPTIONS = st.dictionaries(st.sampled_from(["topk", "explanations", "format", "map_size", "image", "colour", ""]), OPTION_VALUES, max_size=4)
+OPTIONS = VALID_OPTIONS | ANY_OPTIONS
+
+
+@st.composite
+def requests_on_the_wire(draw) -> bytes:
+    """One request as the frontend sends it: a raw body, a JSON body or multipart fields."""
+    image, options = draw(mutated_images()), draw(OPTIONS)
+    shape = draw(st.sampled_from(["raw", "json", "multipart"]))
+    if shape == "raw":
+        content_type = draw(st.sampled_from(["image/jpeg", "application/octet-stream", "text/plain", "application/json"]))
+        return encode_request("raw", [("body", content_type, image)])
+    if shape == "json":
+        body = {"image": base64.b64encode(image).decode(), **options}
+        return encode_request("json", [("body", "application/json", json.dumps(body).encode())])
+    fields = [(name, "text/plain", (value if isinstance(value, str) else json.dumps(value)).encode()) for name, value in options.items() if name != "image"]
+    return encode_request("multipart", [("image", "application/octet-stream", image), *fields])
+
+
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(requests_on_the_wire(), min_size=1, max_size=3))
+def test_any_input_gets_one_answer_per_request_and_never_fails_the_batch(service, batch):
+    batch_status, results = predict(service, batch)
+    assert batch_status == 200
+    assert len(results) == len(batch)
+    for status, content_type, body in results:
+        event(f"status {status}")  # shown by --hypothesis-show-statistics
+        assert content_type == "application/json"
+        assert status in (200, 400, 413), body  # a 500 would be a bug caught by the last resort
+        assert ("predictions" in body) if status == 200 else (body["code"] == status and body["message"])
+
+
+def test_a_bug_while_parsing_fails_its_own_request_only(service, photos, monkeypatch):
+    from handler import dve_handler
+
+    parse = dve_handler.parse_request
+
+    def buggy(request, **kwargs):
+        if request.get("body") == bytearray(b"boom"):
+            raise KeyError("a bug")
+        return parse(request, **kwargs)
+
+    monkeypatch.setattr(dve_handler, "parse_request", buggy)
+    batch = [encode_request("bug", [("body", "image/jpeg", b"boom")]), encode_request("ok", [("body", "image/jpeg", photos["coffee"])])]
+    batch_status, results = predict(service, batch)
+    assert batch_status == 200
+    assert [(status, body.get("code")) for status, _, body in results] == [(500, 500), (200, None)]

@@ -115,25 +115,12 @@ def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(s
     for response in responses[1 : 1 + len(bad)]:
         assert response.json()["code"] == 400 and response.json()["message"]
     assert worker_pids(server, "efficientnet_lite0") == pids  # no worker restarted
-    assert post_image(server, "efficientnet_lite0", photos["coffee"]).status_code == 200
-
-
-@pytest.mark.parametrize("token", [None, "wrong-token"])
-def test_requests_without_the_right_token_are_refused(server, photos, token):
-    headers = {"Content-Type": "image/jpeg"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    response = requests.post(f"{server.inference_url}/predictions/efficientnet_lite0", data=photos["chelsea"], headers=headers, timeout=30)
-    assert response.status_code == 400
-    assert "Token Authorization failed" in response.json()["message"]
-
-
-def test_model_registration_over_http_is_off(server):
-    response = requests.post(
-        f"{server.management_url}/models", params={"url": "https://example.com/x.mar"},
-        headers={"Authorization": f"Bearer {server.token('management')}"}, timeout=10,
-    )
-    assert response.status_code == 405
+    alone = post_image(server, "efficientnet_lite0", photos["chelsea"]).json()  # the normal answer
+    for response in (responses[0], *responses[-2:]):
+        body = response.json()
+        assert [p["index"] for p in body["predictions"]] == [p["index"] for p in alone["predictions"]]
+        assert [p["probability"] for p in body["predictions"]] == pytest.approx([p["probability"] for p in alone["predictions"]], abs=1e-4)
+        assert body["explanations"].keys() == alone["explanations"].keys() and body["image"] == alone["image"]
 
 
 def test_vgg16_explains_its_final_pooling_layer(server, photos):
@@ -153,14 +140,6 @@ def test_a_users_own_model_answers_with_its_own_labels(server):
         assert set(body["explanations"]) == {"dve", "targeted_dve"}
     refused = post(server, "brightness", json={"image": base64.b64encode(bright).decode(), "topk": 3})
     assert refused.status_code == 400 and "between 1 and 2" in refused.json()["message"]
-
-
-def test_logs_hold_no_token(server, photos):
-    post_image(server, "efficientnet_lite0", photos["chelsea"])
-    tokens = [server.token("inference"), server.token("management")]
-    for log in server.log_dir.glob("*.log"):
-        text = log.read_text(errors="replace")
-        assert not any(token in text for token in tokens), log.name
 
 
 def test_a_model_that_cannot_load_fails_fast_with_its_error(model_store, tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loadtest.locustfile import check_ours
+from loadtest.checks import check_ours
 from loadtest.photos import load_mix
 from loadtest.run import run_locust, seconds, summarize
 

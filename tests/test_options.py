@@ -57,6 +57,7 @@ def test_data_url_base64_is_accepted():
         ({"body": {"image": B64, "topk": 1001}}, "application/json", 400, "between 1 and 1000"),
         ({"body": {"image": B64, "topk": "three"}}, "application/json", 400, "must be an integer"),
         ({"body": {"image": B64, "topk": True}}, "application/json", 400, "not a boolean"),
+        ({"body": {"image": B64, "topk": "\u00b2"}}, "application/json", 400, "must be an integer"),
         ({"body": {"image": B64, "explanations": ["gradcam"]}}, "application/json", 400, "unknown explanation"),
         ({"body": {"image": B64, "explanations": "[dve"}}, "application/json", 400, "not a valid JSON list"),
         ({"body": {"image": B64, "explanations": 3}}, "application/json", 400, "must be a list"),
@@ -68,6 +69,11 @@ def test_data_url_base64_is_accepted():
         ({"body": ["a", "list"]}, "application/json", 400, "must be an object"),
         ({"image": bytearray(IMAGE), "topk": b"\xff\xfe"}, None, 400, "UTF-8"),
         ({"body": bytearray(IMAGE), "topk": "3"}, None, 400, "either a body or form fields"),
+        ({"body": "a text file\n"}, "text/plain", 400, "the body is text, not an image"),
+        ({"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}, None, 400, "datatype 'FP32'"),
+        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"image": B64}}, None, 400, "not in its 'parameters'"),
+        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"top": 3}}, None, 400, "unknown field"),
+        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": [3]}, None, 400, "must be an object"),
     ],
 )
 def test_bad_requests_get_a_clear_message(data, content_type, status, message):
@@ -80,3 +86,15 @@ def test_oversized_image_is_413():
     with pytest.raises(RequestError, match="limit is 10") as caught:
         parse({"body": bytearray(IMAGE)}, max_image_bytes=10)
     assert caught.value.status == 413
+
+
+def test_base64_text_body_is_an_image():
+    assert parse({"body": B64}, "text/plain").image == IMAGE
+
+
+def test_kserve_v2_tensor_carries_the_image_and_its_options():
+    """What TorchServe's kservev2 envelope hands over for one BYTES input tensor."""
+    tensor = {"name": "photo", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"topk": 2, "explanations": ["dve"]}}
+    request = parse(tensor, None)
+    assert request.image == IMAGE
+    assert request.options.topk == 2 and request.options.explanations == ("dve",)
