@@ -4,13 +4,14 @@
 #   make test    unit and integration tests (starts its own TorchServe on other ports)
 #   make bench   what explaining costs next to the prediction, measured side by side
 #   make loadtest  Locust load test and served comparison with the stock handler
+#   make faults / make soak   faults under load; a long run at the documented load
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench loadtest install install-dev archives samples clean
+.PHONY: serve stop test bench loadtest scaling faults soak install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,8 +52,23 @@ DURATION ?= 2m
 loadtest: $(VENV)/.dev
 	$(PY) loadtest/run.py --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION)
 
+# How latency, throughput and response size grow with photo size and concurrent users.
+scaling: $(VENV)/.dev
+	$(PY) loadtest/scaling.py
+
+# Faults under load: a worker killed, the server restarted, a request timing out.
+faults: $(VENV)/.dev
+	$(PY) loadtest/faults.py kill-worker
+	$(PY) loadtest/faults.py restart
+	$(PY) loadtest/faults.py timeout
+
+# The documented load for SOAK_MINUTES; fails on any failed request or worker restart.
+SOAK_MINUTES ?= 10
+soak: $(VENV)/.dev
+	$(PY) loadtest/faults.py soak --minutes $(SOAK_MINUTES)
+
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
-bench: $(VENV)/.runtime
+bench: $(VENV)/.dev
 	$(PY) scripts/bench.py
 
 clean:

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 from locust import HttpUser, constant, events, task
@@ -43,7 +44,8 @@ _results = open(os.environ["DVE_RESULTS_FILE"], "a") if os.environ.get("DVE_RESU
 @events.request.add_listener
 def _record(request_type, name, response_time, response_length, exception, **kwargs) -> None:
     if _results is not None:
-        _results.write(json.dumps({"scenario": SCENARIO, "ms": response_time, "ok": exception is None, "bytes": response_length}) + "\n")
+        record = {"scenario": SCENARIO, "t": time.time(), "ms": response_time, "ok": exception is None, "bytes": response_length}
+        _results.write(json.dumps(record) + "\n")
 
 
 @events.quitting.add_listener
@@ -58,13 +60,25 @@ class ExplainUser(HttpUser):
     wait_time = constant(0)
 
     def on_start(self) -> None:
-        key_file = Path(os.environ["DVE_KEY_FILE"])
-        self.token = json.loads(key_file.read_text())["inference"]["key"]
+        self.key_file = Path(os.environ["DVE_KEY_FILE"])
+        self.key_mtime = None
         self.random = random.Random()
 
+    def _token(self) -> str:
+        """The inference key, read again whenever TorchServe rewrites its key file (restarts)."""
+        mtime = self.key_file.stat().st_mtime
+        if mtime != self.key_mtime:
+            self.token = json.loads(self.key_file.read_text())["inference"]["key"]
+            self.key_mtime = mtime
+        return self.token
+
     def _post(self, endpoint: str, photo: Photo, name: str, check, **kwargs) -> None:
-        headers = {"Authorization": f"Bearer {self.token}", **kwargs.pop("headers", {})}
+        headers = {"Authorization": f"Bearer {self._token()}", **kwargs.pop("headers", {})}
         with self.client.post(f"/{endpoint}/{MODEL}", headers=headers, name=name, catch_response=True, **kwargs) as response:
+            if response.status_code == 0:  # no server (a fault test stopped it): back off a little
+                response.failure(f"no connection: {response.error}")
+                time.sleep(0.2)
+                return
             if response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
                 return

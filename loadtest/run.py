@@ -91,9 +91,9 @@ def build_archives(store: Path, batch_size: int, max_batch_delay: int) -> None:
     )
 
 
-def run_locust(server: ts_server.Server, scenario: str, users: int, duration: int, prefix: Path, results: Path) -> int:
-    """One headless Locust phase; returns Locust's exit code (1 when a request failed)."""
-    model, _ = TARGETS.get(scenario, (OURS, ""))
+def start_locust(server: ts_server.Server, scenario: str, users: int, duration: int, prefix: Path, results: Path, model: str | None = None) -> subprocess.Popen:
+    """Starts one headless Locust phase in the background."""
+    model = model or TARGETS.get(scenario, (OURS, ""))[0]
     env = dict(os.environ, DVE_SCENARIO=scenario, DVE_MODEL=model, DVE_KEY_FILE=str(server.key_file), DVE_RESULTS_FILE=str(results))
     command = [
         str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
@@ -102,7 +102,12 @@ def run_locust(server: ts_server.Server, scenario: str, users: int, duration: in
         "--csv", str(prefix), "--csv-full-history", "--only-summary", "--loglevel", "WARNING",
     ]
     print(f"  {scenario:<14} {users} user(s), {duration} s ...", flush=True)
-    return subprocess.run(command, env=env, cwd=ROOT).returncode
+    return subprocess.Popen(command, env=env, cwd=ROOT)
+
+
+def run_locust(server: ts_server.Server, scenario: str, users: int, duration: int, prefix: Path, results: Path) -> int:
+    """One headless Locust phase; returns Locust's exit code (1 when a request failed)."""
+    return start_locust(server, scenario, users, duration, prefix, results).wait()
 
 
 def percentile(values: list[float], q: float) -> float:
