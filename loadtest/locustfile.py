@@ -65,8 +65,17 @@ class ExplainUser(HttpUser):
         self.random = random.Random()
 
     def _token(self) -> str:
-        """The inference key, read again whenever TorchServe rewrites its key file (restarts)."""
-        mtime = self.key_file.stat().st_mtime
+        """The inference key, read again whenever TorchServe rewrites its key file (restarts).
+
+        While the server is stopped its key file may be gone: the last key is sent, and the
+        request fails (no connection) and counts as a failure like any other.
+        """
+        try:
+            mtime = self.key_file.stat().st_mtime
+        except FileNotFoundError:
+            if self.key_mtime is None:
+                raise
+            return self.token
         if mtime != self.key_mtime:
             self.token = json.loads(self.key_file.read_text())["inference"]["key"]
             self.key_mtime = mtime

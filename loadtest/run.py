@@ -60,9 +60,9 @@ def seconds(duration: str) -> int:
     return 3600 * h + 60 * m + s
 
 
-def build_archives(store: Path, batch_size: int, max_batch_delay: int) -> None:
-    """Ours, ours without maps, and the stock handler, all with the same weights and batching."""
-    common = ["--export-path", str(store), "--batch-size", str(batch_size), "--max-batch-delay", str(max_batch_delay)]
+def build_archives(store: Path, batch_size: int, max_batch_delay: int, workers: int = 1) -> None:
+    """Ours, ours without maps, and the stock handler, all with the same weights, batching and workers."""
+    common = ["--export-path", str(store), "--batch-size", str(batch_size), "--max-batch-delay", str(max_batch_delay), "--workers", str(workers)]
     for argv in (["efficientnet_lite0", *common], ["efficientnet_lite0", "--name", NO_MAPS, "--explanations", "none", *common]):
         if build_mar.main(argv) != 0:
             raise SystemExit("error: could not build the archives")
@@ -75,7 +75,7 @@ def build_archives(store: Path, batch_size: int, max_batch_delay: int) -> None:
     labels = stage / "index_to_name.json"
     labels.write_text(json.dumps({str(i): name for i, name in enumerate(imagenet_labels())}))
     config = stage / "model-config.yaml"
-    config.write_text(f"minWorkers: 1\nmaxWorkers: 1\nbatchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay}\nresponseTimeout: 120\n")
+    config.write_text(f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay}\nresponseTimeout: 120\n")
     subprocess.run(
         [
             str(Path(sys.executable).parent / "torch-model-archiver"),
@@ -169,7 +169,7 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
     lines = [
         "# Load test report",
         "",
-        f"Machine: {os.cpu_count()} CPU cores. Server: TorchServe, 1 worker per model, batch size {args.batch_size}, "
+        f"Machine: {os.cpu_count()} CPU cores. Server: TorchServe, {args.workers} worker(s) per model, batch size {args.batch_size}, "
         f"max batch delay {args.max_batch_delay} ms, PyTorch threads per worker: {args.torch_threads or 'PyTorch default'}. "
         "Client: Locust on the same machine, closed loop (no wait).",
         "",
@@ -217,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ig", action="store_true", help="leave out the stock /explanations phase")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="workers per model")
     parser.add_argument("--torch-threads", type=int, help="PyTorch threads per worker (OMP_NUM_THREADS); default: PyTorch's own")
     parser.add_argument("--report-dir", type=Path, default=ROOT / "build" / "loadtest" / time.strftime("%Y%m%d-%H%M%S"))
     args = parser.parse_args(argv)
     report_dir = args.report_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     store = ROOT / "build" / "loadtest" / "model_store"
-    build_archives(store, args.batch_size, args.max_batch_delay)
+    build_archives(store, args.batch_size, args.max_batch_delay, args.workers)
     run_dir = ROOT / "build" / "loadtest" / "server"
     results = report_dir / "requests.jsonl"
     durations: dict[str, int] = {}
