@@ -74,6 +74,17 @@ def records(results: Path) -> list[dict]:
     return [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
 
 
+def recovered(rows: list[dict], fault_start: float, service_back: float) -> bool:
+    """Prints requests before, during and after the fault; True if all after it succeeded.
+
+    The fault lasts until one second after the service is back.
+    """
+    fault_end = service_back + 1.0
+    print(windows(rows, fault_start, fault_end))
+    after = [r for r in rows if r["t"] > fault_end]
+    return bool(after) and all(r["ok"] for r in after)
+
+
 def windows(rows: list[dict], fault_start: float, fault_end: float) -> str:
     """Requests and failures before, during and after the fault, completion-time based."""
     parts = {"before": [r for r in rows if r["t"] < fault_start], "during": [r for r in rows if fault_start <= r["t"] <= fault_end], "after": [r for r in rows if r["t"] > fault_end]}
@@ -98,11 +109,8 @@ def kill_worker(report: Path, users: int) -> bool:
         locust.wait()
     finally:
         ts_server.stop(RUN_DIR)
-    rows = records(results)
-    after = [r for r in rows if r["t"] > ready + 1.0]
     print(f"kill-worker: SIGKILL to worker {worker['pid']} at t=15 s; a new worker was READY {ready - killed:.1f} s later")
-    print(windows(rows, killed, ready + 1.0))
-    return bool(after) and all(r["ok"] for r in after)
+    return recovered(records(results), killed, ready)
 
 
 def restart(report: Path, users: int) -> bool:
@@ -120,11 +128,8 @@ def restart(report: Path, users: int) -> bool:
         locust.wait()
     finally:
         ts_server.stop(RUN_DIR)
-    rows = records(results)
-    after = [r for r in rows if r["t"] > up + 1.0]
     print(f"restart: stop took {stopped - down:.1f} s, down 5 s, start to READY {up - stopped - 5:.1f} s; users re-read the new keys")
-    print(windows(rows, down, up + 1.0))
-    return bool(after) and all(r["ok"] for r in after)
+    return recovered(records(results), down, up)
 
 
 def timeout(report: Path) -> bool:
