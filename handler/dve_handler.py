@@ -32,15 +32,11 @@ from typing import Any
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handler.config import ServingConfig
 from handler.errors import RequestError, internal_error
 from handler.explainer import Explainer, Result, Timings
-from handler.models import imagenet_labels, read_labels
 from handler.options import ParsedRequest, is_inference_tensor, parse_request
 
 logger = logging.getLogger(__name__)
-
-LABELS_FILE = "index_to_name.json"
 
 
 class DVEHandler:
@@ -53,21 +49,12 @@ class DVEHandler:
     def initialize(self, context) -> None:
         """Loads the model named in ``model-config.yaml`` and finds the layer to explain."""
         properties = context.system_properties
-        model_dir = Path(properties["model_dir"])
-        manifest = context.manifest["model"]
-        config = ServingConfig.from_mapping((getattr(context, "model_yaml_config", None) or {}).get("handler"))
         gpu_id = properties.get("gpu_id")
         device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
-        labels_file = model_dir / LABELS_FILE
-        labels = read_labels(labels_file) if labels_file.exists() else _default_labels(config.num_classes)
-        model_file = manifest.get("modelFile")
-        self.explainer = Explainer.from_files(
-            config,
-            weights=model_dir / manifest["serializedFile"],
-            labels=labels,
-            device=device,
-            model_file=model_dir / model_file if model_file else None,
+        self.explainer = Explainer.from_model_dir(
+            Path(properties["model_dir"]), context.manifest["model"], getattr(context, "model_yaml_config", None), device
         )
+        config = self.explainer.config
         logger.info(
             "DVE handler ready: %s on %s, explaining layer %s with feature maps %s",
             config.architecture,
@@ -188,6 +175,3 @@ def _body_content_type(context, idx: int, request: dict[str, Any]) -> str | None
                 return header.get("content-type")
     return None
 
-
-def _default_labels(num_classes: int) -> list[str]:
-    return imagenet_labels() if num_classes == 1000 else [str(i) for i in range(num_classes)]

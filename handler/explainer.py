@@ -23,10 +23,11 @@ from handler import dve, imaging
 from handler.config import ServingConfig
 from handler.errors import RequestError, internal_error
 from handler.layers import FeatureCapture, resolve_feature_layer
-from handler.models import CUSTOM, build_model, load_weights
+from handler.models import CUSTOM, build_model, imagenet_labels, load_weights, read_labels
 from handler.options import ParsedRequest, RequestOptions
 
 ARRAY_DECIMALS = 4
+LABELS_FILE = "index_to_name.json"  # TorchServe's name for an archive's labels
 ERROR_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError"}
 
 
@@ -113,6 +114,34 @@ class Explainer:
             model_kwargs=config.model_kwargs,
         )
         return cls(load_weights(model, weights), config, labels, device)
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: Path, manifest_model: dict[str, Any], model_yaml_config: dict[str, Any] | None, device: torch.device
+    ) -> "Explainer":
+        """The explainer an extracted model archive describes (what a TorchServe worker loads).
+
+        Args:
+            model_dir: the archive's extracted folder.
+            manifest_model: the ``model`` section of ``MAR-INF/MANIFEST.json``.
+            model_yaml_config: the parsed ``model-config.yaml`` (its ``handler:`` section
+                is the ``ServingConfig``).
+            device: where the model runs.
+        """
+        config = ServingConfig.from_mapping((model_yaml_config or {}).get("handler"))
+        labels_file = model_dir / LABELS_FILE
+        if labels_file.exists():
+            labels = read_labels(labels_file)
+        else:
+            labels = imagenet_labels() if config.num_classes == 1000 else [str(i) for i in range(config.num_classes)]
+        model_file = manifest_model.get("modelFile")
+        return cls.from_files(
+            config,
+            weights=model_dir / manifest_model["serializedFile"],
+            labels=labels,
+            device=device,
+            model_file=model_dir / model_file if model_file else None,
+        )
 
     def prepare(self, request: ParsedRequest) -> PreparedImage:
         """Decodes one request's image and cuts the model's crop (raises RequestError)."""

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from handler.config import ServingConfig  # noqa: E402
-from handler.explainer import Explainer  # noqa: E402
+from handler.explainer import LABELS_FILE, Explainer  # noqa: E402
 from handler.errors import RequestError  # noqa: E402
 from handler.models import CUSTOM, EFFICIENTNET_LITE0, imagenet_labels, read_labels, torchvision_classifiers  # noqa: E402
 from handler.options import parse_explanations  # noqa: E402
@@ -155,7 +155,7 @@ def weights_file(args: argparse.Namespace, config: ServingConfig, workdir: Path)
 def stage_extra_files(stage: Path, labels: list[str]) -> None:
     """The handler package and the labels, laid out as they must sit in the archive root."""
     shutil.copytree(HANDLER_DIR, stage / "handler", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    (stage / "index_to_name.json").write_text(json.dumps({str(i): name for i, name in enumerate(labels)}, indent=0))
+    (stage / LABELS_FILE).write_text(json.dumps({str(i): name for i, name in enumerate(labels)}, indent=0))
 
 
 def model_config_yaml(args: argparse.Namespace, config: ServingConfig) -> str:
