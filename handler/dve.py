@@ -163,11 +163,22 @@ def noise_filter(s: torch.Tensor, params: DVEParams) -> torch.Tensor:
     return torch.where(s >= tau[:, None, None], s, torch.zeros_like(s))
 
 
-def dve(features: torch.Tensor, params: DVEParams, input_size: tuple[int, int] | None = None) -> torch.Tensor:
+def dve(
+    features: torch.Tensor,
+    params: DVEParams,
+    input_size: tuple[int, int] | None = None,
+    channel_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """DVE (Algorithm 1) of a batch of feature maps (B x C x h x w) -> raw maps (B x h' x w').
 
     With ``params.resolution == "input"`` the feature maps are first upsampled to
     ``input_size`` (height, width), and so are the returned maps.
+
+    ``channel_weights`` (B x C) gives the class-conditional variant, which is not the
+    paper's: each feature map's band product is weighted by its weight towards a class
+    (for a global-pooling + linear head, that class's row of the linear layer) instead
+    of all maps counting alike, so the map answers "why this class" rather than "what
+    did the network look at". The paper's DVE is ``channel_weights=None``.
     """
     if features.dim() != 4:
         raise ValueError(f"expected feature maps of shape B x C x h x w, got {tuple(features.shape)}")
@@ -176,8 +187,12 @@ def dve(features: torch.Tensor, params: DVEParams, input_size: tuple[int, int] |
         if input_size is None:
             raise ValueError("resolution='input' needs the model's input size")
         x = F.interpolate(x, size=input_size, mode="bilinear", align_corners=False)
-    s = band_product(x, params.sigma_low, params.sigma_high).sum(dim=1)
-    return noise_filter(s, params)
+    products = band_product(x, params.sigma_low, params.sigma_high)
+    if channel_weights is not None:
+        if channel_weights.shape != features.shape[:2]:
+            raise ValueError(f"channel_weights must be B x C = {tuple(features.shape[:2])}, got {tuple(channel_weights.shape)}")
+        products = products * channel_weights.float()[:, :, None, None]
+    return noise_filter(products.sum(dim=1), params)
 
 
 def targeted_dve(dve_maps: torch.Tensor, params: DVEParams) -> torch.Tensor:
@@ -249,13 +264,18 @@ class Explanation:
     box_valid: torch.Tensor
 
 
-def explain(features: torch.Tensor, params: DVEParams, input_size: tuple[int, int]) -> Explanation:
+def explain(
+    features: torch.Tensor,
+    params: DVEParams,
+    input_size: tuple[int, int],
+    channel_weights: torch.Tensor | None = None,
+) -> Explanation:
     """DVE, targeted DVE and the salient patch for a batch of feature maps (B x C x h x w).
 
     ``input_size`` (height, width) is the model's input size: the boxes are measured on
-    the targeted maps upsampled to it.
+    the targeted maps upsampled to it. ``channel_weights``: see ``dve``.
     """
-    raw = dve(features, params, input_size)
+    raw = dve(features, params, input_size, channel_weights)
     dve_maps = normalize_maps(raw)
     targeted_maps = normalize_maps(targeted_dve(raw, params))
     boxes, valid = salient_boxes(upsample_maps(targeted_maps, input_size), params.box_threshold)

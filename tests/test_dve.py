@@ -37,13 +37,14 @@ def reference_psi(s: np.ndarray, mode: str, q: float) -> np.ndarray:
     return np.where(s >= tau, s, 0.0)
 
 
-def reference_dve(features: np.ndarray, p: DVEParams) -> np.ndarray:
-    """Algorithm 1, one image and one feature map at a time."""
+def reference_dve(features: np.ndarray, p: DVEParams, weights: np.ndarray | None = None) -> np.ndarray:
+    """Algorithm 1, one image and one feature map at a time (``weights``: B x C, class-conditional)."""
     maps = []
-    for image in features:
+    for b, image in enumerate(features):
         s = np.zeros(image.shape[1:])
-        for channel in image:
-            s += reference_band_product(channel, p.sigma_low, p.sigma_high)
+        for i, channel in enumerate(image):
+            weight = 1.0 if weights is None else weights[b, i]
+            s += weight * reference_band_product(channel, p.sigma_low, p.sigma_high)
         maps.append(reference_psi(s, p.psi, p.psi_quantile))
     return np.stack(maps)
 
@@ -103,6 +104,17 @@ def test_targeted_dve_matches_reference(params):
     expected = reference_targeted(raw.double().numpy(), params)
     got = dve.targeted_dve(raw, params).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
+def test_class_conditional_dve_weights_each_feature_map(params):
+    features = random_features(b=2, c=16)
+    weights = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    expected = reference_dve(features.double().numpy(), params, weights.double().numpy())
+    got = dve.dve(features, params, channel_weights=weights).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="B x C"):
+        dve.dve(features, params, channel_weights=weights[:, :8])
 
 
 def test_input_resolution_mode_upsamples_before_filtering():
