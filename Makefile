@@ -5,13 +5,14 @@
 #   make bench   what explaining costs next to the prediction, measured side by side
 #   make loadtest  Locust load test and served comparison with the stock handler
 #   make faults / make soak   faults under load; a long run at the documented load
+#   make evaluate  how faithful the explanations are (deletion/insertion, pointing game)
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench loadtest scaling faults soak install install-dev archives samples clean
+.PHONY: serve stop test bench evaluate loadtest scaling faults soak install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +71,11 @@ soak: $(VENV)/.dev
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py
+
+# Faithfulness of DVE, targeted DVE, a parameter sweep, Grad-CAM and two baselines on
+# EfficientNet-Lite0's real weights; report in build/evaluation/ (about 8 min on 2 cores).
+evaluate: $(VENV)/.dev
+	$(PY) scripts/evaluate.py
 
 clean:
 	rm -rf build model_store .pytest_cache

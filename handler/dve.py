@@ -1,7 +1,9 @@
 """Deep Visual Explanation (Babiker & Goebel, 2017) for a whole batch, in pure torch.
 
 Everything here works on the tensor's own device (CPU or CUDA), vectorised over the
-batch and the channels: no Python loop over images or feature maps, no copy to the host.
+batch and the channels: no Python loop over images or feature maps (except in the costly
+``resolution="input"`` mode, which goes one image at a time to bound its memory), no
+copy to the host.
 Nothing here knows about TorchServe; the handler calls these functions.
 
 Notation follows ``shared/DVE_SPEC.md``:
@@ -182,17 +184,27 @@ def dve(
     """
     if features.dim() != 4:
         raise ValueError(f"expected feature maps of shape B x C x h x w, got {tuple(features.shape)}")
-    x = features.float()
+    if channel_weights is not None and channel_weights.shape != features.shape[:2]:
+        raise ValueError(f"channel_weights must be B x C = {tuple(features.shape[:2])}, got {tuple(channel_weights.shape)}")
     if params.resolution == "input":
         if input_size is None:
             raise ValueError("resolution='input' needs the model's input size")
-        x = F.interpolate(x, size=input_size, mode="bilinear", align_corners=False)
-    products = band_product(x, params.sigma_low, params.sigma_high)
+        # Upsampled, one image's maps take C x H x W floats (1280 x 224 x 224: 257 MB)
+        # and its spectra several times that: one image at a time bounds the memory.
+        maps = []
+        for b in range(features.shape[0]):
+            x = F.interpolate(features[b : b + 1].float(), size=input_size, mode="bilinear", align_corners=False)
+            maps.append(_summed_band_product(x, params, None if channel_weights is None else channel_weights[b : b + 1]))
+        return noise_filter(torch.cat(maps), params)
+    return noise_filter(_summed_band_product(features, params, channel_weights), params)
+
+
+def _summed_band_product(x: torch.Tensor, params: DVEParams, channel_weights: torch.Tensor | None) -> torch.Tensor:
+    """The sum over channels of the band products, each weighted by ``channel_weights`` if given."""
+    products = band_product(x.float(), params.sigma_low, params.sigma_high)
     if channel_weights is not None:
-        if channel_weights.shape != features.shape[:2]:
-            raise ValueError(f"channel_weights must be B x C = {tuple(features.shape[:2])}, got {tuple(channel_weights.shape)}")
         products = products * channel_weights.float()[:, :, None, None]
-    return noise_filter(products.sum(dim=1), params)
+    return products.sum(dim=1)
 
 
 def targeted_dve(dve_maps: torch.Tensor, params: DVEParams) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""The faithfulness measures behind ``make evaluate``, on cases whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from scripts import evaluate, quality
+
+
+class RegionScorer:
+    """A judge that is sure in proportion to how much of the top-left 4 x 4 block is intact (value 1)."""
+
+    def probability(self, x: torch.Tensor, target: int) -> torch.Tensor:
+        return x[:, 0, :4, :4].mean(dim=(1, 2)).clamp(0, 1)
+
+
+def region_image() -> torch.Tensor:
+    x = torch.zeros(3, 8, 8)
+    x[:, :4, :4] = 1.0
+    return x
+
+
+def region_map(inverted: bool = False) -> torch.Tensor:
+    saliency = torch.zeros(8, 8)
+    saliency[:4, :4] = 1.0
+    return 1.0 - saliency if inverted else saliency
+
+
+def test_auc_is_the_trapezoid_area_over_the_unit_interval():
+    assert quality.auc(np.array([1.0, 1.0])) == 1.0
+    assert quality.auc(np.array([1.0, 0.0, 0.0])) == pytest.approx(0.25)
+    assert quality.auc(np.array([0.0, 0.5, 1.0])) == pytest.approx(0.5)
+
+
+def test_deletion_of_the_true_evidence_first_drops_the_score_at_once():
+    scorer = RegionScorer()
+    substrates = quality.Substrates.of(scorer, region_image(), 0)
+    good = quality.deletion_insertion(scorer, substrates, region_map(), 0, steps=4)
+    bad = quality.deletion_insertion(scorer, substrates, region_map(inverted=True), 0, steps=4)
+    # 64 pixels, 16 per step: the right map removes the whole block in the first step.
+    np.testing.assert_allclose(good.deletion, [1, 0, 0, 0, 0])
+    np.testing.assert_allclose(bad.deletion, [1, 1, 1, 1, 0])
+    assert good.deletion_auc == pytest.approx(0.125) and bad.deletion_auc == pytest.approx(0.875)
+    # Insertion puts the block back first for the right map: full score after one step.
+    np.testing.assert_allclose(good.insertion[1:], [1, 1, 1, 1])
+    assert good.insertion_auc > bad.insertion_auc
+
+
+def test_insertion_starts_from_the_blurred_image():
+    scorer = RegionScorer()
+    substrates = quality.Substrates.of(scorer, region_image(), 0)
+    assert 0 < substrates.p_start < 1  # the blur smears the block: partly there
+    assert substrates.p_removed == 0 and substrates.p_full == 1
+
+
+def test_ties_are_ordered_at_random_but_reproducibly():
+    saliency = torch.zeros(6, 6)
+    saliency[2, 3] = 1.0
+    saliency[0, 0] = 0.5
+    rank = quality.saliency_order(saliency, seed=3)
+    assert sorted(rank.flatten().tolist()) == list(range(36))
+    assert rank[2, 3] == 0 and rank[0, 0] == 1
+    assert torch.equal(rank, quality.saliency_order(saliency, seed=3))
+    assert not torch.equal(rank, quality.saliency_order(saliency, seed=4))
+
+
+def test_pointing_game_and_energy():
+    saliency = torch.zeros(10, 10)
+    saliency[6, 2] = 3.0  # the peak: x = 2, y = 6
+    saliency[0, 0] = 1.0
+    assert quality.pointing_hit(saliency, (0, 5, 4, 10))
+    assert not quality.pointing_hit(saliency, (3, 5, 10, 10))  # exclusive x0 bound misses x = 2
+    assert quality.energy_in_box(saliency, (0, 5, 4, 10)) == pytest.approx(0.75)
+    assert quality.energy_in_box(torch.zeros(4, 4), (0, 0, 2, 2)) == 0.0
+
+
+def test_localisation_set_is_reproducible_and_classified_as_its_object(lite0_explainer):
+    kept, made = quality.build_localisation_set(lite0_explainer, per_object=3, seed=5)
+    again, _ = quality.build_localisation_set(lite0_explainer, per_object=3, seed=5)
+    assert made == 3 * len(quality.OBJECTS) and 0 < len(kept) <= made
+    assert [(c.name, c.box) for c in kept] == [(c.name, c.box) for c in again]
+    batch = quality.forward_batch(lite0_explainer, torch.stack([c.pixels for c in kept]))
+    assert batch.classes.tolist() == [c.label for c in kept]
+    for composite in kept:
+        x0, y0, x1, y1 = composite.box
+        assert 0 <= x0 < x1 <= 224 and 0 <= y0 < y1 <= 224
+        assert composite.pixels.shape == (224, 224, 3)
+
+
+def test_methods_give_one_map_in_the_unit_range_per_image(lite0_explainer, photos):
+    crops = torch.stack([lite0_explainer.prepare(_request(photos[name])).pixels for name in ("chelsea", "coffee")])
+    batch = quality.forward_batch(lite0_explainer, crops)
+    for method in evaluate.build_methods(lite0_explainer.config.dve, quick=True):
+        maps = method.maps(lite0_explainer, batch)
+        assert maps.shape == (2, 224, 224), method.name
+        assert maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0, method.name
+
+
+def test_class_conditional_dve_reads_the_predicted_class_row(lite0_explainer):
+    weights = quality.classifier_weights(lite0_explainer.model, 1280)
+    assert weights.shape == (1000, 1280)
+    with pytest.raises(ValueError, match="no linear layer"):
+        quality.classifier_weights(lite0_explainer.model, 7)
+
+
+def test_evaluate_writes_a_report_with_every_method(tmp_path, capsys):
+    out = tmp_path / "evaluation"
+    assert evaluate.main(["--quick", "--photos", "chelsea", "coffee", "--per-object", "2", "--steps", "4", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    names = list(results["methods"])
+    assert names[:2] == [evaluate.label(lite0_defaults(), "dve"), evaluate.label(lite0_defaults(), "targeted")]
+    assert {"grad-cam", "random", "centred gaussian"} <= set(names)
+    for name in names:
+        assert f"| {name} |" in report
+        figures = results["methods"][name]
+        assert len(figures["deletion"]) == 2 and len(figures["pointing"]) == len(results["composites"])
+    assert (out / "overlays.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Faithfulness of DVE" in capsys.readouterr().out
+
+
+def lite0_defaults():
+    from handler.dve import DVEParams
+
+    return DVEParams()
+
+
+def _request(image: bytes):
+    from handler.options import ParsedRequest, RequestOptions
+
+    return ParsedRequest(image, RequestOptions(1, (), "png", None))
