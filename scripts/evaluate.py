@@ -156,17 +156,18 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
 
     composites, made = quality.build_localisation_set(explainer, per_object=per_object, seed=seed)
     progress.step(1, f"localisation set: {len(composites)} of {made} composites kept")
-    composite_maps = {}
+    chunks = [composites[i : i + 16] for i in range(0, len(composites), 16)]
+    parts: dict[str, list[torch.Tensor]] = {m.name: [] for m in methods}
+    for n, chunk in enumerate(chunks):
+        chunk_batch = quality.forward_batch(explainer, torch.stack([c.pixels for c in chunk]))
+        for method in methods:
+            parts[method.name].append(method.maps(explainer, chunk_batch))
+        progress.step(len(methods) / max(1, len(chunks)), f"localisation set maps: {sum(map(len, chunks[: n + 1]))}/{len(composites)} composites")
+    composite_maps = {name: torch.cat(maps) if maps else torch.zeros(0, *explainer.input_size) for name, maps in parts.items()}
     for method in methods:
-        maps = []
-        for start_index in range(0, len(composites), 16):
-            chunk = composites[start_index : start_index + 16]
-            maps.append(method.maps(explainer, quality.forward_batch(explainer, torch.stack([c.pixels for c in chunk]))))
-        composite_maps[method.name] = torch.cat(maps) if maps else torch.zeros(0)
         for composite, saliency in zip(composites, composite_maps[method.name]):
             results[method.name].pointing.append(float(quality.pointing_hit(saliency, composite.box)))
             results[method.name].energy.append(quality.energy_in_box(saliency, composite.box))
-        progress.step(1, f"pointing game: {method.name}")
     examples = {"photos": (batch.pixels, photo_maps, list(photos)), "composites": (composites, composite_maps)}
     return results, predictions, composites, made, forward_ms, examples
 

@@ -192,11 +192,20 @@ class DVEMap(SaliencyMethod):
         self.targeted = targeted
         self.class_conditional = class_conditional
 
+    # The last explanation computed, by (batch, parameters, variant): DVE and targeted DVE
+    # of the same settings come from one ``dve.explain`` call, as in the handler.
+    _last: tuple[tuple, dve.Explanation] | None = None
+
     def maps(self, explainer: Explainer, batch: Batch) -> torch.Tensor:
-        weights = None
-        if self.class_conditional:
-            weights = classifier_weights(explainer.model, batch.features.shape[1])[batch.classes]
-        explanation = dve.explain(batch.features, self.params, explainer.input_size, weights)
+        key = (id(batch), self.params, self.class_conditional)
+        if DVEMap._last is not None and DVEMap._last[0] == key:
+            explanation = DVEMap._last[1]
+        else:
+            weights = None
+            if self.class_conditional:
+                weights = classifier_weights(explainer.model, batch.features.shape[1])[batch.classes]
+            explanation = dve.explain(batch.features, self.params, explainer.input_size, weights)
+            DVEMap._last = (key, explanation)
         chosen = explanation.targeted if self.targeted else explanation.dve
         return dve.upsample_maps(chosen, explainer.input_size)
 
