@@ -6,13 +6,14 @@
 #   make loadtest  Locust load test and served comparison with the stock handler
 #   make faults / make soak   faults under load; a long run at the documented load
 #   make evaluate  how faithful the explanations are (deletion/insertion, pointing game)
+#   make figures   the paper's Fig. 4/5 (grid) and Fig. 6 (blur sweep) as PNGs in build/figures/
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench evaluate loadtest scaling faults soak install install-dev archives samples clean
+.PHONY: serve stop test bench evaluate figures loadtest scaling faults soak install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,6 +77,13 @@ bench: $(VENV)/.dev
 # EfficientNet-Lite0's real weights; report in build/evaluation/ (about 8 min on 2 cores).
 evaluate: $(VENV)/.dev
 	$(PY) scripts/evaluate.py
+
+# The paper's figures with EfficientNet-Lite0's real weights (no archive, no server needed):
+# Fig. 4/5, crop, DVE, targeted DVE + box and Grad-CAM per photo, right or wrong; Fig. 6,
+# prediction and explanation against Gaussian blur. Other photos and models: scripts/figures.py --help.
+figures: $(VENV)/.dev
+	$(PY) scripts/figures.py grid --out build/figures/grid.png
+	$(PY) scripts/figures.py blur --out build/figures/blur.png
 
 clean:
 	rm -rf build model_store .pytest_cache

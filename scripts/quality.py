@@ -128,9 +128,14 @@ def png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def model_crop(explainer: Explainer, array: np.ndarray) -> torch.Tensor:
-    """The crop the handler would feed the model for this photo (H x W x 3 uint8)."""
-    request = ParsedRequest(png_bytes(array), RequestOptions(1, (), "png", None))
+def model_crop(explainer: Explainer, image: np.ndarray | bytes) -> torch.Tensor:
+    """The crop the handler would feed the model for this photo (H x W x 3 uint8).
+
+    ``image`` is an RGB array (sent as a PNG) or an image file's bytes, sent as they are
+    (so a user's JPEG is decoded, EXIF orientation included, exactly as the server does).
+    """
+    data = image if isinstance(image, bytes) else png_bytes(image)
+    request = ParsedRequest(data, RequestOptions(1, (), "png", None))
     return explainer.prepare(request).pixels
 
 
