@@ -5,13 +5,14 @@
 #   make bench   what explaining costs next to the prediction, measured side by side
 #   make loadtest  Locust load test and served comparison with the stock handler
 #   make faults / make soak   faults under load; a long run at the documented load
+#   make stages  Fig. 7: DVE at every stage of the model, build/figures/stages.png
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench loadtest scaling faults soak install install-dev archives samples clean
+.PHONY: serve stop test bench loadtest scaling faults soak stages install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +71,12 @@ soak: $(VENV)/.dev
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py
+
+# Fig. 7 of the paper: DVE at every stage (VGG-16: pool1..pool5), one row per photo.
+# Another model: make stages STAGES_ARGS="--model vgg16 --weights vgg16-397923af.pth"
+STAGES_ARGS ?=
+stages: $(VENV)/.dev
+	$(PY) scripts/stages.py --out build/figures/stages.png $(STAGES_ARGS)
 
 clean:
 	rm -rf build model_store .pytest_cache
