@@ -95,7 +95,7 @@ class Stage:
     call: int | None = None
 
     def __str__(self) -> str:
-        """``features.4``, ``avgpool:input``; ``_swish#1`` for the first of several calls."""
+        """``features.4``, ``avgpool:input``; ``pool#1`` for the first call of a module that runs twice."""
         return str(self.layer) if self.call is None else f"{self.layer}#{self.call + 1}"
 
 
