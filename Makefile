@@ -7,13 +7,14 @@
 #   make faults / make soak   faults under load; a long run at the documented load
 #   make evaluate  how faithful the explanations are (deletion/insertion, pointing game)
 #   make figures   the paper's Fig. 4/5 (grid) and Fig. 6 (blur sweep) as PNGs in build/figures/
+#   make stages  Fig. 7: DVE at every stage of the model, build/figures/stages.png
 
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench evaluate figures loadtest scaling faults soak install install-dev archives samples clean
+.PHONY: serve stop test bench evaluate figures stages loadtest scaling faults soak install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +85,11 @@ evaluate: $(VENV)/.dev
 figures: $(VENV)/.dev
 	$(PY) scripts/figures.py grid --out build/figures/grid.png
 	$(PY) scripts/figures.py blur --out build/figures/blur.png
+# Fig. 7 of the paper: DVE at every stage (VGG-16: pool1..pool5), one row per photo.
+# Another model: make stages STAGES_ARGS="--model vgg16 --weights vgg16-397923af.pth"
+STAGES_ARGS ?=
+stages: $(VENV)/.dev
+	$(PY) scripts/stages.py --out build/figures/stages.png $(STAGES_ARGS)
 
 clean:
 	rm -rf build model_store .pytest_cache

@@ -29,6 +29,9 @@ class RequestDefaults:
     # and their rendering + encoding at about a millisecond each; an original-size map
     # of a 12 MP photo costs far more than the forward pass (docs/performance.md).
     map_size: int | str = 224
+    # DVE at every stage of the model (Fig. 7 of the paper): off unless asked for, as it
+    # renders one more map per stage and holds every stage's maps during the forward pass.
+    stages: bool = False
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ class DVEHandler:
             self.explainer.layer,
             self.explainer.feature_shape,
         )
+        logger.info("stages (request option 'stages'): %s", ", ".join(f"{stage} {stage.shape}" for stage in self.explainer.stages))
         self.initialized = True
 
     def preprocess(self, data: list[dict[str, Any]], context) -> list[ParsedRequest | RequestError]:

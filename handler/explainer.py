@@ -4,25 +4,31 @@
 forward pass per batch with a hook on the explained layer, DVE for the whole batch on
 the model's device, then one JSON response per request. A request that fails (bad
 image, bad option) gets its own error; the rest of the batch is unaffected.
+
+A request may also ask for DVE at every stage of the model (``stages``, the paper's
+Fig. 7). Only then does the forward pass capture every stage's maps, and only the
+requests that asked pay for their DVE and rendering.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from handler import dve, imaging
 from handler.config import ServingConfig
 from handler.errors import RequestError, internal_error
-from handler.layers import FeatureCapture, resolve_feature_layer
+from handler.layers import FeatureCapture, Stage, StageCapture, find_stages, resolve_feature_layer
 from handler.models import CUSTOM, build_model, imagenet_labels, load_weights, read_labels
 from handler.options import ParsedRequest, RequestOptions
 
@@ -88,9 +94,10 @@ class Explainer:
         self.model = model.to(device).eval()
         size = config.crop_size
         self.input_size = (size, size)
-        self.layer, self.feature_shape = resolve_feature_layer(
-            self.model, torch.zeros(1, 3, size, size, device=device), config.target_layer
-        )
+        example = torch.zeros(1, 3, size, size, device=device)
+        self.layer, self.feature_shape = resolve_feature_layer(self.model, example, config.target_layer)
+        # The last stage is the explained layer itself (handler.layers.find_stages).
+        self.stages: list[Stage] = find_stages(self.model, example, self.layer)
         self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
         self.timings = Timings()
@@ -149,25 +156,43 @@ class Explainer:
         decoded = imaging.decode_image(request.image, max_pixels=limits.max_image_pixels, short_side=self.config.resize_size)
         geometry = imaging.CropGeometry.centre_crop(decoded.width, decoded.height, self.config.resize_size, self.config.crop_size)
         options = request.options
-        if options.format == "array" and options.explanations:
+        maps = len(options.explanations) + (len(self.stages) if options.stages else 0)
+        if options.format == "array" and maps:
             width, height = geometry.map_size(options.map_size)
-            values = width * height * len(options.explanations)
+            values = width * height * maps
             if values > limits.max_array_values:
                 raise RequestError(
                     f"format 'array' would return {values} values for this {decoded.width} x {decoded.height} image; "
                     f"the limit is {limits.max_array_values}: ask for a smaller map_size or format 'png'"
                 )
         pixels = imaging.model_input(decoded, geometry)
-        photo = decoded.image if options.format == "overlay" and options.explanations else None
+        photo = decoded.image if options.format == "overlay" and maps else None
         return PreparedImage(options, geometry, pixels, photo)
+
+    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the explained layer's feature maps for a uint8 batch (B x H x W x 3)."""
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-        x = (x - self.mean) / self.std
+        x = self._normalised(pixels)
         with torch.inference_mode(), FeatureCapture(self.model, self.layer) as capture:
             logits = self.model(x)
         return logits, capture.features
+
+    def forward_stages(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """As ``forward``, and every stage's feature maps (``self.stages``), from the same pass.
+
+        The explained layer's maps are the last stage's: the same tensor, not a copy.
+        """
+        x = self._normalised(pixels)
+        with torch.inference_mode(), StageCapture(self.model, self.stages) as capture:
+            logits = self.model(x)
+        missing = [str(stage) for stage, features in zip(self.stages, capture.features) if features is None]
+        if missing:
+            raise RuntimeError(f"stage(s) {missing} did not run in the forward pass")
+        stage_features: list[torch.Tensor] = capture.features  # type: ignore[assignment]
+        return logits, stage_features[-1], stage_features
 
     def run(self, requests: list[ParsedRequest | RequestError]) -> list[Result]:
         """Answers a batch: errors stay errors, the rest share one forward pass."""
@@ -198,7 +223,13 @@ class Explainer:
     def _answer(self, batch: list[PreparedImage], timings: Timings) -> list[Result]:
         """One forward pass and one batched DVE for prepared requests, then encoding."""
         start = time.perf_counter()
-        logits, features = self.forward(torch.stack([item.pixels for item in batch]))
+        pixels = torch.stack([item.pixels for item in batch])
+        staged = [b for b, item in enumerate(batch) if item.options.stages]
+        stage_features: list[torch.Tensor] = []
+        if staged:  # only then: the others' batches run exactly as before
+            logits, features, stage_features = self.forward_stages(pixels)
+        else:
+            logits, features = self.forward(pixels)
         probabilities = logits.float().softmax(dim=1)
         k = max(item.options.topk for item in batch)
         top_p, top_i = (t.cpu() for t in probabilities.topk(k, dim=1))
@@ -211,6 +242,7 @@ class Explainer:
             explanation = dve.explain(features, self.config.dve, self.input_size)
             boxes = explanation.boxes.cpu().tolist()
             box_valid = explanation.box_valid.cpu().tolist()
+        stage_maps = self._stage_maps(stage_features, staged)
         _sync(self.device)
         timings.dve = _ms_since(start)
 
@@ -232,9 +264,42 @@ class Explainer:
                 body["explanations"] = self._render(torch.stack([maps[name] for name in names]), names, item)
                 if "targeted_dve" in names:
                     body["explanations"]["targeted_dve"]["box"] = item.geometry.box_to_original(boxes[b]) if box_valid[b] else None
+            if b in stage_maps:
+                body["stages"] = [
+                    {"layer": str(stage), "shape": list(stage.shape), "dve": self._render_stage(stage_map, item)}
+                    for stage, stage_map in zip(self.stages, stage_maps[b])
+                ]
             results.append(Result(200, body))
         timings.encode = _ms_since(start)
         return results
+
+    def _stage_maps(self, stage_features: list[torch.Tensor], staged: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Normalised DVE (h x w) of every stage for the batch rows ``staged``: {row: [map per stage]}.
+
+        Each stage's DVE is one batched call over the rows that asked, on the model's
+        device; the other rows' feature maps are never filtered.
+        """
+        if not staged:
+            return {}
+        rows = torch.tensor(staged, device=self.device) if len(staged) < stage_features[0].shape[0] else None
+        per_stage = []
+        for features in stage_features:
+            chosen = features if rows is None else features.index_select(0, rows)
+            per_stage.append(dve.normalize_maps(dve.dve(chosen, self.config.dve, self.input_size)))
+        return {b: [maps[i] for maps in per_stage] for i, b in enumerate(staged)}
+
+    def _render_stage(self, stage_map: torch.Tensor, item: PreparedImage) -> dict[str, Any]:
+        """One stage's map (h x w) drawn like the other maps.
+
+        An early stage's map (112 x 112 for VGG-16's pool1) can be finer than the place
+        of the crop in the returned map: it is first averaged down to that size and
+        normalised again, so small maps do not alias and their maximum is still 1.
+        """
+        width, _ = item.geometry.map_size(item.options.map_size)
+        side = max(1, math.ceil(item.geometry.side * width / item.geometry.width))
+        if max(stage_map.shape) > side:
+            stage_map = dve.normalize_maps(F.adaptive_avg_pool2d(stage_map[None, None], side)[0])[0]
+        return self._render(stage_map[None], ("dve",), item)["dve"]
 
     def _render(self, maps: torch.Tensor, names: tuple[str, ...], item: PreparedImage) -> dict[str, dict[str, Any]]:
         """One request's maps (C x h x w), drawn in one call and copied to the host once."""

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from handler.config import EXPLANATIONS, FORMATS, Limits, RequestDefaults
 from handler.errors import RequestError
 
-OPTION_NAMES = ("topk", "explanations", "format", "map_size")
+OPTION_NAMES = ("topk", "explanations", "format", "map_size", "stages")
 BODY_KEYS = ("body", "data")
 MIN_MAP_SIZE = 8
 
@@ -40,12 +40,15 @@ class RequestOptions:
         format: ``png`` (8-bit gray map), ``overlay`` (colour map over the photo, PNG)
             or ``array`` (floats in [0, 1], row-major lists).
         map_size: long side of the returned maps in pixels; None for the original size.
+        stages: also return the DVE map of every stage of the model (VGG-16: pool1..pool5),
+            in ``format`` and ``map_size`` like the other maps.
     """
 
     topk: int
     explanations: tuple[str, ...]
     format: str
     map_size: int | None
+    stages: bool = False
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ def parse_request(
         explanations=parse_explanations(fields.get("explanations", defaults.explanations)),
         format=_format(fields.get("format", defaults.format)),
         map_size=_map_size(fields.get("map_size", defaults.map_size), limits),
+        stages=parse_flag(fields.get("stages", defaults.stages), "stages"),
     )
     return ParsedRequest(image, options)
 
@@ -199,6 +203,15 @@ def parse_explanations(value: Any) -> tuple[str, ...]:
     if unknown:
         raise RequestError(f"unknown explanation(s) {unknown}; choose from {list(EXPLANATIONS)} or [] for none")
     return tuple(name for name in EXPLANATIONS if name in value)
+
+
+def parse_flag(value: Any, name: str) -> bool:
+    """A yes/no option: JSON ``true``/``false``, or the text ``true``/``false`` (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RequestError(f"'{name}' must be true or false, got {value!r}")
 
 
 def _format(value: Any) -> str:

@@ -177,3 +177,94 @@ def test_cuda_gives_the_cpu_answer(lite0_explainer, photos):
             assert diff.max() <= 3
         box_a, box_b = a.body["explanations"]["targeted_dve"]["box"], b.body["explanations"]["targeted_dve"]["box"]
         assert np.abs(np.array(box_a) - np.array(box_b)).max() <= 3
+
+
+LITE0_STAGES = [
+    ("_blocks.0", [16, 112, 112]), ("_blocks.2", [24, 56, 56]), ("_blocks.4", [40, 28, 28]),
+    ("_blocks.10", [112, 14, 14]), ("_avg_pooling:input", [1280, 7, 7]),
+]
+
+
+def test_stages_are_answered_to_the_requests_that_ask_and_the_others_are_unchanged(lite0_explainer, photos):
+    names = ["chelsea", "coffee", "rocket", "astronaut"]
+    asked = [
+        RequestOptions(5, ("dve", "targeted_dve"), "png", 224, stages=True),
+        DEFAULT,
+        RequestOptions(1, (), "array", 32, stages=True),
+        RequestOptions(3, ("dve",), "overlay", 100),
+    ]
+    batch = lite0_explainer.run([ParsedRequest(photos[n], o) for n, o in zip(names, asked)])
+    plain = lite0_explainer.run([ParsedRequest(photos[n], RequestOptions(**{**o.__dict__, "stages": False})) for n, o in zip(names, asked)])
+    assert [r.status for r in batch] == [200] * 4
+    for option, result, without in zip(asked, batch, plain):
+        body = dict(result.body)
+        stages = body.pop("stages", None)
+        assert body == without.body  # everything else is what the request gets without stages
+        if not option.stages:
+            assert stages is None
+            continue
+        assert [(s["layer"], s["shape"]) for s in stages] == LITE0_STAGES
+        for stage in stages:
+            entry = stage["dve"]
+            if option.format == "array":
+                values = np.array(entry["data"])
+                assert (entry["width"], entry["height"]) == (32, 21) and values.shape == (21, 32)
+                assert values.min() >= 0 and 0.85 <= values.max() <= 1.0  # 112 x 112 drawn on 19 x 19 pixels
+            else:
+                image = png(entry)
+                assert image.mode == "L" and image.size == (entry["width"], entry["height"]) == (224, 149)
+                assert np.asarray(image).max() >= 245  # a fine map's peak may fall between two pixels
+    # The last stage is the explained layer: its map is the response's dve map.
+    last = np.asarray(png(batch[0].body["stages"][-1]["dve"]), dtype=int)
+    assert np.abs(last - np.asarray(png(batch[0].body["explanations"]["dve"]), dtype=int)).max() <= 1
+    # Early stages are finer: the first stage's map is not the last one's.
+    first = np.asarray(png(batch[0].body["stages"][0]["dve"]), dtype=int)
+    assert np.abs(first - last).mean() > 10
+
+
+def test_requests_without_stages_never_capture_them(lite0_explainer, photos, monkeypatch):
+    def forbidden(pixels):
+        raise AssertionError("a batch without a stages request captured the stages")
+
+    monkeypatch.setattr(lite0_explainer, "forward_stages", forbidden)
+    results = lite0_explainer.run([ParsedRequest(photos["coffee"], DEFAULT), ParsedRequest(photos["rocket"], RequestOptions(1, (), "png", 64))])
+    assert [r.status for r in results] == [200, 200] and all("stages" not in r.body for r in results)
+
+
+def test_stages_alone_as_overlays_and_errors_stay_per_request(lite0_explainer, photos):
+    stages_only = RequestOptions(1, (), "overlay", 96, stages=True)
+    too_many_floats = RequestOptions(5, ("dve",), "array", None, stages=True)  # 600 x 400 x 6 maps > 1,048,576
+    results = lite0_explainer.run([
+        ParsedRequest(photos["coffee"], stages_only),
+        ParsedRequest(b"not an image", stages_only),
+        ParsedRequest(photos["coffee"], too_many_floats),
+        ParsedRequest(photos["chelsea"], DEFAULT),
+    ])
+    assert [r.status for r in results] == [200, 400, 400, 200]
+    assert results[0].body["explanations"] == {}
+    overlays = [png(stage["dve"]) for stage in results[0].body["stages"]]
+    assert len(overlays) == 5 and all(o.mode == "RGB" and o.size == (96, 64) for o in overlays)
+    assert "1440000 values" in results[2].body["message"] and "smaller map_size" in results[2].body["message"]
+    assert "stages" not in results[3].body
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_stages(lite0_explainer, photos):
+    import torch
+
+    gpu = Explainer(lite0_explainer.model, lite0_explainer.config, lite0_explainer.labels, torch.device("cuda"))
+    requests = [ParsedRequest(photos[name], RequestOptions(1, (), "png", 224, stages=name != "coffee")) for name in ("chelsea", "coffee", "rocket")]
+    try:
+        on_gpu = gpu.run(requests)
+    finally:
+        lite0_explainer.model.to("cpu")  # the shared fixture's model moved with it
+    on_cpu = lite0_explainer.run(requests)
+    assert "stages" not in on_gpu[1].body and "stages" not in on_cpu[1].body
+    for a, b in zip(on_gpu[::2], on_cpu[::2]):
+        assert [s["layer"] for s in a.body["stages"]] == [s["layer"] for s in b.body["stages"]]
+        for sa, sb in zip(a.body["stages"], b.body["stages"]):
+            diff = np.abs(np.asarray(png(sa["dve"]), dtype=int) - np.asarray(png(sb["dve"]), dtype=int))
+            # Fine maps have long edges where psi cuts at the mean: rounding (cuDNN's TF32)
+            # flips a few pixels across it. Features perturbed by 2e-3 on the CPU give a mean
+            # difference under 0.2 levels, with rare pixels up to 61.
+            assert diff.mean() < 1.5 and (diff > 10).mean() < 0.01, sa["layer"]

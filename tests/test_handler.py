@@ -176,7 +176,7 @@ JSON_VALUES = st.recursive(
     max_leaves=6,
 )
 OPTION_VALUES = JSON_VALUES | st.sampled_from(
-    [1, 3, "2", "dve", "targeted_dve", "dve,targeted_dve", ["dve"], [], "none", "png", "overlay", "array", 8, 64, "64", "original"]
+    [1, 3, "2", "dve", "targeted_dve", "dve,targeted_dve", ["dve"], [], "none", "png", "overlay", "array", 8, 64, "64", "original", True, "true", "false"]
 )
 VALID_OPTIONS = st.fixed_dictionaries(
     {},
@@ -185,9 +185,10 @@ VALID_OPTIONS = st.fixed_dictionaries(
         "explanations": st.sampled_from([[], ["dve"], ["targeted_dve"], ["dve", "targeted_dve"], "dve", "targeted_dve,dve"]),
         "format": st.sampled_from(["png", "overlay", "array"]),
         "map_size": st.sampled_from([8, 64, "96", "original"]),
+        "stages": st.sampled_from([False, True, "true"]),
     },
 )
-ANY_OPTIONS = st.dictionaries(st.sampled_from(["topk", "explanations", "format", "map_size", "image", "colour", ""]), OPTION_VALUES, max_size=4)
+ANY_OPTIONS = st.dictionaries(st.sampled_from(["topk", "explanations", "format", "map_size", "stages", "image", "colour", ""]), OPTION_VALUES, max_size=4)
 OPTIONS = VALID_OPTIONS | ANY_OPTIONS
 
 

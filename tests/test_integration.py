@@ -164,3 +164,35 @@ def test_a_model_that_cannot_load_fails_fast_with_its_error(model_store, tmp_pat
         ts_server.start(["broken"], run_dir=run_dir, model_store=store, port_base=INTEGRATION_PORT_BASE + 10, timeout=120)
     assert time.monotonic() - started < 60
     assert not ts_server.stop(run_dir)  # already stopped
+
+
+VGG16_POOLS = [
+    ("features.4", [64, 112, 112]), ("features.9", [128, 56, 56]), ("features.16", [256, 28, 28]),
+    ("features.23", [512, 14, 14]), ("features.30", [512, 7, 7]),
+]
+
+
+def test_stages_on_request_and_only_for_the_requests_that_ask(server, photos):
+    coffee = base64.b64encode(photos["coffee"]).decode()
+    vgg = post(server, "vgg16", json={"image": coffee, "stages": True, "explanations": []})
+    assert vgg.status_code == 200, vgg.text
+    body = vgg.json()
+    assert body["explanations"] == {} and [(s["layer"], s["shape"]) for s in body["stages"]] == VGG16_POOLS  # pool1..pool5
+    assert all(png(s["dve"]).size == (224, 149) for s in body["stages"])
+    # In one batch (the test archives wait 200 ms for one): multipart asking for stages, a raw photo not asking.
+    staged = lambda: post(  # noqa: E731
+        server, "efficientnet_lite0", files={"image": ("chelsea.jpg", photos["chelsea"], "image/jpeg")},
+        data={"stages": "true", "format": "array", "map_size": "16", "explanations": "none"},
+    )
+    plain = lambda: post_image(server, "efficientnet_lite0", photos["chelsea"])  # noqa: E731
+    with ThreadPoolExecutor(2) as pool:
+        with_stages, without = [future.result() for future in [pool.submit(staged), pool.submit(plain)]]
+    assert with_stages.status_code == without.status_code == 200
+    stages = with_stages.json()["stages"]
+    assert [s["layer"] for s in stages] == ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_avg_pooling:input"]
+    assert all(np.array(s["dve"]["data"]).shape == (11, 16) for s in stages)
+    alone = post_image(server, "efficientnet_lite0", photos["chelsea"]).json()
+    assert "stages" not in without.json() and without.json()["explanations"].keys() == alone["explanations"].keys()
+    assert [p["index"] for p in without.json()["predictions"]] == [p["index"] for p in alone["predictions"]]
+    refused = post(server, "efficientnet_lite0", json={"image": coffee, "stages": "yes"})
+    assert refused.status_code == 400 and refused.json()["message"] == "'stages' must be true or false, got 'yes'"

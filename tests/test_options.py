@@ -98,3 +98,31 @@ def test_kserve_v2_tensor_carries_the_image_and_its_options():
     request = parse(tensor, None)
     assert request.image == IMAGE
     assert request.options.topk == 2 and request.options.explanations == ("dve",)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"body": {"image": B64}}, False),  # off unless asked for
+        ({"body": {"image": B64, "stages": True}}, True),
+        ({"body": {"image": B64, "stages": False}}, False),
+        ({"image": bytearray(IMAGE), "stages": b"true"}, True),  # multipart text
+        ({"image": bytearray(IMAGE), "stages": " False "}, False),
+        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"stages": True}}, True),  # KServe v2
+    ],
+)
+def test_stages_option_from_every_kind_of_body(data, expected):
+    assert parse(data).options.stages is expected
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", "1", "", None, ["true"], {"on": True}])
+def test_a_bad_stages_value_is_a_clear_400(value):
+    with pytest.raises(RequestError, match=r"'stages' must be true or false, got") as caught:
+        parse({"body": {"image": B64, "stages": value}}, "application/json")
+    assert caught.value.status == 400
+
+
+def test_a_models_default_can_turn_stages_on():
+    defaults = RequestDefaults(stages=True)
+    parsed = parse_request({"body": bytearray(IMAGE)}, content_type="image/jpeg", defaults=defaults, limits=Limits(), num_classes=10)
+    assert parsed.options.stages is True
