@@ -85,6 +85,7 @@ evaluate: $(VENV)/.dev
 figures: $(VENV)/.dev
 	$(PY) scripts/figures.py grid --out build/figures/grid.png
 	$(PY) scripts/figures.py blur --out build/figures/blur.png
+
 # Fig. 7 of the paper: DVE at every stage (VGG-16: pool1..pool5), one row per photo.
 # Another model: make stages STAGES_ARGS="--model vgg16 --weights vgg16-397923af.pth"
 STAGES_ARGS ?=
