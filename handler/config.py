@@ -32,6 +32,9 @@ class RequestDefaults:
     # DVE at every stage of the model (Fig. 7 of the paper): off unless asked for, as it
     # renders one more map per stage and holds every stage's maps during the forward pass.
     stages: bool = False
+    # The class-conditional variant (not the paper's; docs/explanation-quality.md): off
+    # unless asked for, so the maps are the paper's DVE by default.
+    class_conditional: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from torch import nn
 from handler import dve, imaging
 from handler.config import ServingConfig
 from handler.errors import RequestError, internal_error
-from handler.layers import FeatureCapture, Stage, StageCapture, find_stages, resolve_feature_layer
+from handler.layers import FeatureCapture, Stage, StageCapture, find_classifier, find_stages, resolve_feature_layer
 from handler.models import CUSTOM, build_model, imagenet_labels, load_weights, read_labels
 from handler.options import ParsedRequest, RequestOptions
 
@@ -98,6 +98,7 @@ class Explainer:
         self.layer, self.feature_shape = resolve_feature_layer(self.model, example, config.target_layer)
         # The last stage is the explained layer itself (handler.layers.find_stages).
         self.stages: list[Stage] = find_stages(self.model, example, self.layer)
+        self.classifier = find_classifier(self.model, self.feature_shape[0], config.num_classes)
         self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
         self.timings = Timings()
@@ -165,6 +166,11 @@ class Explainer:
                     f"format 'array' would return {values} values for this {decoded.width} x {decoded.height} image; "
                     f"the limit is {limits.max_array_values}: ask for a smaller map_size or format 'png'"
                 )
+        if options.class_conditional and self.classifier is None:
+            raise RequestError(
+                f"class_conditional needs a linear classifier reading the {self.feature_shape[0]} channels of the "
+                f"explained layer {self.layer}; this model has none"
+            )
         pixels = imaging.model_input(decoded, geometry)
         photo = decoded.image if options.format == "overlay" and maps else None
         return PreparedImage(options, geometry, pixels, photo)
@@ -239,7 +245,7 @@ class Explainer:
         start = time.perf_counter()
         explanation = None
         if any(item.options.explanations for item in batch):
-            explanation = dve.explain(features, self.config.dve, self.input_size)
+            explanation = dve.explain(features, self.config.dve, self.input_size, self._channel_weights(batch, features, top_i[:, 0]))
             boxes = explanation.boxes.cpu().tolist()
             box_valid = explanation.box_valid.cpu().tolist()
         stage_maps = self._stage_maps(stage_features, staged)
@@ -258,6 +264,8 @@ class Explainer:
                 "explanations": {},
                 "layer": str(self.layer),
             }
+            if item.options.class_conditional:
+                body["explained_class"] = body["predictions"][0]
             if explanation is not None and item.options.explanations:
                 maps = {"dve": explanation.dve[b], "targeted_dve": explanation.targeted[b]}
                 names = item.options.explanations
@@ -272,6 +280,18 @@ class Explainer:
             results.append(Result(200, body))
         timings.encode = _ms_since(start)
         return results
+
+    def _channel_weights(self, batch: list[PreparedImage], features: torch.Tensor, top1: torch.Tensor) -> torch.Tensor | None:
+        """B x C weights for ``dve.explain``: the classifier's row for the top class where a
+        request asked for class-conditional maps, ones (the paper's DVE) elsewhere; None
+        when nobody asked."""
+        rows = [b for b, item in enumerate(batch) if item.options.class_conditional]
+        if not rows:
+            return None
+        weights = torch.ones(features.shape[:2], device=features.device)
+        classes = top1[rows].to(features.device)
+        weights[torch.tensor(rows, device=features.device)] = self.classifier.weight.detach()[classes].float()
+        return weights
 
     def _stage_maps(self, stage_features: list[torch.Tensor], staged: list[int]) -> dict[int, list[torch.Tensor]]:
         """Normalised DVE (h x w) of every stage for the batch rows ``staged``: {row: [map per stage]}.

@@ -277,6 +277,21 @@ def resolve_feature_layer(model: nn.Module, example: torch.Tensor, spec: str | N
     return layer, tuple(features.shape[1:])
 
 
+def find_classifier(model: nn.Module, channels: int, num_classes: int) -> nn.Linear | None:
+    """The model's linear classifier, if it reads the explained maps' channels directly.
+
+    That is the last ``nn.Linear`` of the model when it maps ``channels`` features to
+    ``num_classes`` (global pooling + linear head: ResNet, EfficientNet, MobileNet,
+    DenseNet). Its row for class c then weighs each feature map's contribution to c,
+    which the class-conditional DVE needs. None otherwise: VGG-16's classifier, for
+    one, reads 25,088 flattened features through two hidden layers.
+    """
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    if linears and (linears[-1].in_features, linears[-1].out_features) == (channels, num_classes):
+        return linears[-1]
+    return None
+
+
 def find_stages(model: nn.Module, example: torch.Tensor, explained: FeatureLayer | None = None) -> list[Stage]:
     """The model's stages, one per spatial resolution, ending with the explained layer.
 

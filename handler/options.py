@@ -25,7 +25,7 @@ from typing import Any, Mapping
 from handler.config import EXPLANATIONS, FORMATS, Limits, RequestDefaults
 from handler.errors import RequestError
 
-OPTION_NAMES = ("topk", "explanations", "format", "map_size", "stages")
+OPTION_NAMES = ("topk", "explanations", "format", "map_size", "stages", "class_conditional")
 BODY_KEYS = ("body", "data")
 MIN_MAP_SIZE = 8
 
@@ -42,6 +42,9 @@ class RequestOptions:
         map_size: long side of the returned maps in pixels; None for the original size.
         stages: also return the DVE map of every stage of the model (VGG-16: pool1..pool5),
             in ``format`` and ``map_size`` like the other maps.
+        class_conditional: weight each feature map by the classifier's weight for the
+            predicted class (not the paper's DVE; only for models whose linear classifier
+            reads the explained maps' channels).
     """
 
     topk: int
@@ -49,6 +52,7 @@ class RequestOptions:
     format: str
     map_size: int | None
     stages: bool = False
+    class_conditional: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ def parse_request(
         format=_format(fields.get("format", defaults.format)),
         map_size=_map_size(fields.get("map_size", defaults.map_size), limits),
         stages=parse_flag(fields.get("stages", defaults.stages), "stages"),
+        class_conditional=parse_flag(fields.get("class_conditional", defaults.class_conditional), "class_conditional"),
     )
     return ParsedRequest(image, options)
 

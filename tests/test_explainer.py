@@ -268,3 +268,43 @@ def test_cuda_gives_the_cpu_stages(lite0_explainer, photos):
             # flips a few pixels across it. Features perturbed by 2e-3 on the CPU give a mean
             # difference under 0.2 levels, with rare pixels up to 61.
             assert diff.mean() < 1.5 and (diff > 10).mean() < 0.01, sa["layer"]
+
+
+def test_class_conditional_maps_only_for_the_requests_that_ask(lite0_explainer, photos):
+    import torch
+
+    from handler import dve
+
+    options = RequestOptions(5, ("dve", "targeted_dve"), "array", 16)
+    conditional = RequestOptions(5, ("dve", "targeted_dve"), "array", 16, class_conditional=True)
+    requests = [ParsedRequest(photos["chelsea"], options), ParsedRequest(photos["chelsea"], conditional), ParsedRequest(photos["coffee"], options)]
+    mixed = lite0_explainer.run(requests)
+    plain = lite0_explainer.run([requests[0], requests[2]])
+    assert [r.status for r in mixed] == [200, 200, 200]
+    assert mixed[0].body == plain[0].body and mixed[2].body == plain[1].body  # the others get the paper's DVE, unchanged
+    assert "explained_class" not in mixed[0].body
+    body = mixed[1].body
+    assert body["explained_class"] == body["predictions"][0]
+    # The map is DVE with each feature map weighted by the classifier's row for the top class.
+    prepared = lite0_explainer.prepare(requests[1])
+    _, features = lite0_explainer.forward(prepared.pixels[None])
+    weights = lite0_explainer.model._fc.weight.detach()[body["predictions"][0]["index"]][None]
+    expected = dve.explain(features, lite0_explainer.config.dve, lite0_explainer.input_size, weights)
+    drawn = lite0_explainer._render(torch.stack([expected.dve[0], expected.targeted[0]]), ("dve", "targeted_dve"), prepared)
+    assert body["explanations"]["dve"]["data"] == drawn["dve"]["data"]
+    assert body["explanations"]["targeted_dve"]["data"] == drawn["targeted_dve"]["data"]
+    assert body["explanations"]["dve"]["data"] != mixed[0].body["explanations"]["dve"]["data"]
+
+
+def test_class_conditional_is_refused_per_request_for_a_model_without_a_linear_head(photos):
+    import torch
+
+    from handler.config import ServingConfig
+    from handler.models import build_model, imagenet_labels
+
+    torch.manual_seed(0)
+    vgg = Explainer(build_model("vgg16", 1000), ServingConfig(architecture="vgg16"), imagenet_labels(), torch.device("cpu"))
+    asked = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True))
+    refused, answered = vgg.run([asked, ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))])
+    assert refused.status == 400 and "class_conditional needs a linear classifier" in refused.body["message"]
+    assert answered.status == 200

@@ -196,3 +196,14 @@ def test_stages_on_request_and_only_for_the_requests_that_ask(server, photos):
     assert [p["index"] for p in without.json()["predictions"]] == [p["index"] for p in alone["predictions"]]
     refused = post(server, "efficientnet_lite0", json={"image": coffee, "stages": "yes"})
     assert refused.status_code == 400 and refused.json()["message"] == "'stages' must be true or false, got 'yes'"
+
+
+def test_class_conditional_on_request(server, photos):
+    chelsea = base64.b64encode(photos["chelsea"]).decode()
+    answer = post(server, "efficientnet_lite0", json={"image": chelsea, "class_conditional": True})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["explained_class"] == body["predictions"][0]
+    assert png(body["explanations"]["dve"]).size == (224, 149)
+    refused = post(server, "vgg16", json={"image": chelsea, "class_conditional": True})  # its classifier reads 25,088 features
+    assert refused.status_code == 400 and "class_conditional needs a linear classifier" in refused.json()["message"]

@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from handler.layers import FeatureCapture, FeatureLayer, Stage, StageCapture, find_feature_layer, find_stages, resolve_feature_layer
+from handler.layers import FeatureCapture, FeatureLayer, Stage, StageCapture, find_classifier, find_feature_layer, find_stages, resolve_feature_layer
 from handler.models import build_model
 
 EXAMPLE = torch.zeros(1, 3, 224, 224)
@@ -168,3 +168,13 @@ def test_stage_capture_removes_its_hooks_even_when_the_forward_pass_fails():
 
 def count_all_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name, expected", [("resnet18", "fc"), ("efficientnet_lite0", "_fc"), ("vgg16", None)])
+def test_the_classifier_is_found_only_where_it_reads_the_explained_channels(name, expected):
+    model = build_model(name, 1000).eval()
+    layer, shape = resolve_feature_layer(model, torch.zeros(1, 3, 224, 224))
+    found = find_classifier(model, shape[0], 1000)
+    names = {module: module_name for module_name, module in model.named_modules()}
+    assert (names[found] if found is not None else None) == expected
+    assert find_classifier(model, shape[0], 10) is None  # a head for other classes is not it

@@ -126,3 +126,22 @@ def test_a_models_default_can_turn_stages_on():
     defaults = RequestDefaults(stages=True)
     parsed = parse_request({"body": bytearray(IMAGE)}, content_type="image/jpeg", defaults=defaults, limits=Limits(), num_classes=10)
     assert parsed.options.stages is True
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"body": {"image": B64}}, False),  # the paper's DVE unless asked for
+        ({"body": {"image": B64, "class_conditional": True}}, True),
+        ({"image": bytearray(IMAGE), "class_conditional": "true"}, True),  # multipart text
+        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"class_conditional": True}}, True),
+    ],
+)
+def test_class_conditional_option_from_every_kind_of_body(data, expected):
+    assert parse(data).options.class_conditional is expected
+
+
+def test_a_bad_class_conditional_value_is_a_clear_400():
+    with pytest.raises(RequestError, match=r"'class_conditional' must be true or false, got 'maybe'") as caught:
+        parse({"body": {"image": B64, "class_conditional": "maybe"}}, "application/json")
+    assert caught.value.status == 400
