@@ -1,19 +1,21 @@
 #!/usr/bin/env python3
 """``make evaluate``: how faithful DVE and targeted DVE are, next to Grad-CAM and two baselines.
 
-    python scripts/evaluate.py [--steps 16] [--per-object 24] [--photos chelsea coffee ...]
+    python scripts/evaluate.py [--steps 16] [--per-object 36] [--photos chelsea coffee ...]
                                [--quick] [--out build/evaluation]
 
 On EfficientNet-Lite0 with its real ImageNet weights, through the handler's own forward
 hook and DVE code (``scripts/quality.py``), it measures for every method:
 
 * deletion and insertion AUC (RISE) on every real photo scikit-image and scikit-learn
-  ship, for the class the model predicts. Each curve is divided by that class's
-  probability on the whole photo, so a photo the model is unsure of weighs as much as
-  one it is sure of (RISE reports the raw curve: ``results.json`` keeps both);
+  ship, for the class the model predicts, as RISE defines them (the area under the
+  class's probability). ``results.json`` also keeps each area divided by the photo's
+  own probability;
 * the pointing game and the energy-based pointing game on a localisation set built
   with a fixed seed: real objects cut from those photos, pasted on real textures at
-  known boxes, kept only where the model gives the composite the object's class;
+  known boxes, kept only where the model gives the composite the object's class. The
+  pointing game is also reported on the composites whose box leaves out the image's
+  centre, where a centre prior cannot hit;
 * the milliseconds each method adds per image (DVE: after the forward pass the
   prediction needs anyway; Grad-CAM: its own forward and backward pass).
 
@@ -21,7 +23,8 @@ Methods: DVE and targeted DVE at the handler's defaults; a sweep of sigma_low x
 sigma_high; the psi modes, the input-resolution mode and the class-conditional variant
 around the defaults; Grad-CAM on the same layer; a random map; a centred Gaussian.
 Writes ``report.md`` (tables: mean and standard deviation over images, paired
-comparisons), ``results.json`` (every number per image) and ``overlays.png``.
+comparisons, the parameter sets ranked), ``results.json`` (every number per image) and
+``overlays.png``.
 About 8 minutes on 2 CPU cores.
 """
 
@@ -42,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from handler import dve  # noqa: E402
 from handler.dve import DVEParams  # noqa: E402
 from scripts import quality  # noqa: E402
 from scripts.quality import CentredGaussian, DVEMap, GradCAMMap, RandomMap, SaliencyMethod  # noqa: E402
@@ -50,8 +54,9 @@ SIGMAS_LOW = (1.0, 2.0, 3.0, 4.0)
 SIGMAS_HIGH = (0.5, 1.0, 2.0)
 QUANTILE = 0.75  # the psi "quantile" variant keeps the top quarter
 BASELINES = ("random", "centred gaussian")
-METRICS = ("deletion", "insertion", "pointing", "energy")
-BETTER = {"deletion": -1, "insertion": 1, "pointing": 1, "energy": 1}  # sign of "better"
+BOX_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)  # fractions of the targeted map's maximum
+METRICS = ("deletion", "insertion", "pointing", "pointing_off_centre", "energy")
+BETTER = {"deletion": -1, "insertion": 1, "pointing": 1, "pointing_off_centre": 1, "energy": 1}  # sign of "better"
 
 
 def label(params: DVEParams, kind: str = "dve") -> str:
@@ -109,17 +114,22 @@ class MethodResults:
     name: str
     deletion: list[float] = field(default_factory=list)
     insertion: list[float] = field(default_factory=list)
-    deletion_raw: list[float] = field(default_factory=list)
-    insertion_raw: list[float] = field(default_factory=list)
+    deletion_relative: list[float] = field(default_factory=list)
+    insertion_relative: list[float] = field(default_factory=list)
     pointing: list[float] = field(default_factory=list)
+    pointing_off_centre: list[float] = field(default_factory=list)
     energy: list[float] = field(default_factory=list)
     ms_per_image: float = 0.0
 
 
-def timed_maps(method: SaliencyMethod, explainer, batch: quality.Batch) -> tuple[torch.Tensor, float]:
-    """The method's maps for a batch and the milliseconds per image they took (after a warm-up on one image)."""
-    first = quality.Batch(batch.pixels[:1], batch.x[:1], batch.features[:1], batch.probabilities[:1], batch.classes[:1])
-    method.maps(explainer, first)
+def timed_maps(method: SaliencyMethod, explainer, batch: quality.Batch, warm_up: quality.Batch) -> tuple[torch.Tensor, float]:
+    """The method's maps for a batch and the milliseconds per image they took.
+
+    The method first runs once on ``warm_up`` (one image), and is then timed on its own:
+    targeted DVE is not allowed to reuse the explanation DVE just computed.
+    """
+    method.maps(explainer, warm_up)
+    DVEMap._last = None
     start = time.perf_counter()
     maps = method.maps(explainer, batch)
     return maps, (time.perf_counter() - start) * 1000.0 / batch.pixels.shape[0]
@@ -135,9 +145,10 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
     start = time.perf_counter()
     quality.forward_batch(explainer, batch.pixels)
     forward_ms = (time.perf_counter() - start) * 1000.0 / len(photos)
+    warm_up = quality.Batch(batch.pixels[:1], batch.x[:1], batch.features[:1], batch.probabilities[:1], batch.classes[:1])
     photo_maps = {}
     for method in methods:
-        photo_maps[method.name], results[method.name].ms_per_image = timed_maps(method, explainer, batch)
+        photo_maps[method.name], results[method.name].ms_per_image = timed_maps(method, explainer, batch, warm_up)
     progress.step(1, f"maps of {len(methods)} methods for {len(photos)} photos")
 
     predictions = {}
@@ -148,10 +159,10 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
         for method in methods:
             curves = quality.deletion_insertion(scorer, substrates, photo_maps[method.name][i], target, steps, seed=seed + i)
             r = results[method.name]
-            r.deletion_raw.append(curves.deletion_auc)
-            r.insertion_raw.append(curves.insertion_auc)
-            r.deletion.append(curves.deletion_auc / substrates.p_full)
-            r.insertion.append(curves.insertion_auc / substrates.p_full)
+            r.deletion.append(curves.deletion_auc)
+            r.insertion.append(curves.insertion_auc)
+            r.deletion_relative.append(curves.deletion_auc / substrates.p_full)
+            r.insertion_relative.append(curves.insertion_auc / substrates.p_full)
             progress.step(1, f"deletion/insertion: photo {i + 1}/{len(photos)} {name} ({explainer.labels[target]}), {method.name}")
 
     composites, made = quality.build_localisation_set(explainer, per_object=per_object, seed=seed)
@@ -166,10 +177,23 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
     composite_maps = {name: torch.cat(maps) if maps else torch.zeros(0, *explainer.input_size) for name, maps in parts.items()}
     for method in methods:
         for composite, saliency in zip(composites, composite_maps[method.name]):
-            results[method.name].pointing.append(float(quality.pointing_hit(saliency, composite.box)))
+            hit = float(quality.pointing_hit(saliency, composite.box))
+            results[method.name].pointing.append(hit)
+            if composite.off_centre:
+                results[method.name].pointing_off_centre.append(hit)
             results[method.name].energy.append(quality.energy_in_box(saliency, composite.box))
+    box_ious = targeted_box_ious(composite_maps[methods[1].name], composites)
     examples = {"photos": (batch.pixels, photo_maps, list(photos)), "composites": (composites, composite_maps)}
-    return results, predictions, composites, made, forward_ms, examples
+    return results, predictions, composites, made, forward_ms, examples, box_ious
+
+
+def targeted_box_ious(maps: torch.Tensor, composites: list[quality.Composite]) -> dict[float, list[float]]:
+    """IoU of the handler's salient box (``dve.salient_boxes``) with each object's box, per threshold."""
+    ious: dict[float, list[float]] = {}
+    for threshold in BOX_THRESHOLDS:
+        boxes, valid = dve.salient_boxes(maps, threshold) if len(composites) else (torch.zeros(0, 4), torch.zeros(0))
+        ious[threshold] = [quality.box_iou(tuple(box), c.box) if ok else 0.0 for box, ok, c in zip(boxes.tolist(), valid.tolist(), composites)]
+    return ious
 
 
 def summary(values: list[float]) -> tuple[float, float]:
@@ -179,19 +203,31 @@ def summary(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.pstdev(values)
 
 
+def paired_t(gains: list[float]) -> float:
+    """The paired t statistic of per-image differences; NaN under 2 images, +-inf without variance."""
+    if len(gains) < 2:
+        return float("nan")
+    mean, std = statistics.fmean(gains), statistics.stdev(gains)
+    if std == 0:
+        return 0.0 if mean == 0 else math.copysign(math.inf, mean)
+    return mean / (std / math.sqrt(len(gains)))
+
+
 def compare(a: MethodResults, b: MethodResults, metric: str) -> dict[str, float]:
     """Paired comparison of two methods on one metric over the same images.
 
-    ``gain`` is the mean difference in the metric's "better" direction; ``spread`` the
-    larger of the two methods' standard deviations over images; ``wins`` how many
-    images ``a`` does strictly better on.
+    ``gain`` is the mean difference in the metric's "better" direction; ``t`` the
+    paired t statistic (gain over its standard error); ``spread`` the larger of the two
+    methods' standard deviations over images; ``wins`` how many images ``a`` does
+    strictly better on.
     """
     x, y = getattr(a, metric), getattr(b, metric)
     sign = BETTER[metric]
     gains = [sign * (p - q) for p, q in zip(x, y)]
+    gain = summary(gains)[0]
     return {
-        "gain": statistics.fmean(gains) if gains else float("nan"),
-        "gain_std": statistics.pstdev(gains) if gains else float("nan"),
+        "gain": gain,
+        "t": paired_t(gains),
         "spread": max(summary(x)[1], summary(y)[1]),
         "wins": sum(g > 0 for g in gains),
         "ties": sum(g == 0 for g in gains),
@@ -201,14 +237,38 @@ def compare(a: MethodResults, b: MethodResults, metric: str) -> dict[str, float]
 
 def _cell(values: list[float], percent: bool = False) -> str:
     mean, std = summary(values)
+    if math.isnan(mean):
+        return "-"
     if percent:
         return f"{100 * mean:.0f}% ± {100 * std:.0f}"
     return f"{mean:.3f} ± {std:.3f}"
 
 
-def write_report(out: Path, args, explainer, results, predictions, composites, made, forward_ms, methods, elapsed) -> str:
-    """The Markdown report; also returns the names of DVE and targeted DVE at the defaults."""
+def rank_settings(results: dict[str, MethodResults], methods: list[SaliencyMethod]) -> list[tuple[str, float]]:
+    """DVE settings ranked by the mean of their ranks on every metric, DVE and targeted DVE both.
+
+    One setting governs both maps the handler returns, so each setting is ranked on the
+    10 figures (2 maps x 5 metrics) by their means; 1 is best. Ties share the lower rank.
+    """
+    settings: dict[str, list[str]] = {}
+    for method in methods:
+        if isinstance(method, DVEMap):
+            kind, _, rest = method.name.partition(" ")
+            variant = "class-conditional " if method.class_conditional else ""
+            settings.setdefault(variant + rest, []).append(method.name)
+    ranks: dict[str, list[int]] = {setting: [] for setting in settings}
+    for position in (0, 1):  # DVE, then targeted DVE
+        for metric in METRICS:
+            means = {setting: BETTER[metric] * summary(getattr(results[names[position]], metric))[0] for setting, names in settings.items()}
+            for setting, value in means.items():
+                ranks[setting].append(1 + sum(other > value for other in means.values()))
+    return sorted(((setting, statistics.fmean(r)) for setting, r in ranks.items()), key=lambda item: item[1])
+
+
+def write_report(out: Path, args, explainer, results, predictions, composites, made, forward_ms, methods, box_ious, elapsed) -> str:
+    """The Markdown report, also returned."""
     default_dve, default_targeted = methods[0].name, methods[1].name
+    off_centre = sum(c.off_centre for c in composites)
     lines = [
         "# Faithfulness of DVE: evaluation report",
         "",
@@ -216,39 +276,66 @@ def write_report(out: Path, args, explainer, results, predictions, composites, m
         f"{_clock(elapsed)} on {torch.get_num_threads()} CPU threads, torch {torch.__version__}. Model: EfficientNet-Lite0, real "
         f"ImageNet weights, explained layer `{explainer.layer}` {tuple(explainer.feature_shape)}.",
         "",
-        f"- Deletion / insertion: {len(predictions)} photos, {args.steps} steps, AUC divided by the photo's own probability "
-        "(deletion: lower is better; insertion: higher is better).",
-        f"- Pointing game / energy: {len(composites)} composites kept of {made} made (seed {args.seed}); "
-        "a hit is the map's maximum inside the object's box.",
+        f"- Deletion / insertion (RISE): {len(predictions)} photos, {args.steps} steps, area under the probability of the "
+        "class predicted for the photo (deletion: lower is better; insertion: higher is better).",
+        f"- Pointing game / energy: {len(composites)} composites kept of {made} made (seed {args.seed}); a hit is the "
+        f"map's maximum inside the object's box. `off-centre`: the {off_centre} composites whose box leaves out the "
+        "image's centre.",
         f"- Cost: milliseconds a method adds per image, measured on the {len(predictions)} photos in one batch; "
-        f"the forward pass alone takes {forward_ms:.1f} ms per image here.",
+        f"the forward pass alone takes {forward_ms:.1f} ms per image here. DVE's figure comes after the forward pass the "
+        "prediction needs anyway; Grad-CAM's includes its own forward and backward pass.",
         "- Cells are mean ± standard deviation over images.",
         "",
         "## All methods",
         "",
-        "| method | deletion ↓ | insertion ↑ | pointing ↑ | energy ↑ | ms / image |",
-        "|---|---|---|---|---|---|",
+        "| method | deletion ↓ | insertion ↑ | pointing ↑ | off-centre ↑ | energy ↑ | ms / image |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {_cell(r.deletion)} | {_cell(r.insertion)} | {_cell(r.pointing, percent=True)} | "
-            f"{_cell(r.energy)} | {r.ms_per_image:.2f} |"
+            f"{_cell(r.pointing_off_centre, percent=True)} | {_cell(r.energy)} | {r.ms_per_image:.2f} |"
         )
-    lines += ["", "## Paired comparisons at the defaults", ""]
     lines += [
-        "`gain` is the mean per-image difference in the better direction; `spread` the larger standard deviation "
-        "over images of the two methods; `wins` the images where the first method is strictly better.",
         "",
-        "| method | against | metric | gain | spread | gain > spread | wins |",
-        "|---|---|---|---|---|---|---|",
+        "## DVE settings ranked",
+        "",
+        "Mean rank of each setting over its 10 figures (DVE and targeted DVE, 5 metrics each, by their means); 1 is best.",
+        "",
+        "| setting | mean rank |",
+        "|---|---|",
+    ]
+    lines += [f"| {setting} | {rank:.1f} |" for setting, rank in rank_settings(results, methods)]
+    lines += [
+        "",
+        "## The targeted salient box",
+        "",
+        f"IoU of the box around the targeted map's pixels at or above a fraction of its maximum ({methods[1].name}) "
+        f"with the object's box, on the {len(composites)} composites. The handler uses `box_threshold` "
+        f"{explainer.config.dve.box_threshold:g}.",
+        "",
+        "| box_threshold | IoU ↑ |",
+        "|---|---|",
+    ]
+    lines += [f"| {threshold:g} | {_cell(values)} |" for threshold, values in box_ious.items()]
+    lines += [
+        "",
+        "## Paired comparisons at the defaults",
+        "",
+        "`gain`: mean per-image difference in the better direction; `t`: paired t statistic (gain over its standard "
+        "error; beyond about 2 the difference is unlikely to be chance); `spread`: the larger standard deviation over "
+        "images of the two methods; `wins`: images where the first method is strictly better.",
+        "",
+        "| method | against | metric | gain | t | spread | gain > spread | wins |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in (default_dve, default_targeted):
         for other in (*BASELINES, "grad-cam"):
             for metric in METRICS:
                 c = compare(results[name], results[other], metric)
                 lines.append(
-                    f"| {name} | {other} | {metric} | {c['gain']:+.3f} | {c['spread']:.3f} | "
-                    f"{'yes' if c['gain'] > c['spread'] else 'no'} | {c['wins']}/{c['n']} |"
+                    f"| {name.split(' ')[0]} | {other} | {metric.replace('_', '-')} | {c['gain']:+.3f} | {c['t']:+.1f} | "
+                    f"{c['spread']:.3f} | {'yes' if c['gain'] > c['spread'] else 'no'} | {c['wins']}/{c['n']} |"
                 )
     lines += ["", "## Predictions explained (deletion / insertion set)", "", "| photo | top-1 | probability |", "|---|---|---|"]
     lines += [f"| {name} | {p['label']} | {p['probability']:.3f} |" for name, p in predictions.items()]
@@ -294,7 +381,7 @@ def write_overlays(out: Path, explainer, examples, methods: list[SaliencyMethod]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
-    parser.add_argument("--per-object", type=int, default=24, help="composites made per object (default 24)")
+    parser.add_argument("--per-object", type=int, default=36, help="composites made per object (default 36)")
     parser.add_argument("--photos", nargs="+", choices=sorted(quality.PHOTOS), help="photos for deletion/insertion (default all)")
     parser.add_argument("--quick", action="store_true", help="only the defaults, Grad-CAM and the baselines (no sweep)")
     parser.add_argument("--seed", type=int, default=0)
@@ -308,15 +395,18 @@ def main(argv: list[str] | None = None) -> int:
     photos = quality.load_photos(args.photos)
     methods = build_methods(explainer.config.dve, quick=args.quick)
     print(f"evaluating {len(methods)} methods on {len(photos)} photos and a localisation set", file=sys.stderr)
-    results, predictions, composites, made, forward_ms, examples = evaluate(explainer, photos, methods, args.steps, args.per_object, args.seed)
+    results, predictions, composites, made, forward_ms, examples, box_ious = evaluate(explainer, photos, methods, args.steps, args.per_object, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     write_overlays(args.out, explainer, examples, methods)
-    report = write_report(args.out, args, explainer, results, predictions, composites, made, forward_ms, methods, time.perf_counter() - start)
+    report = write_report(
+        args.out, args, explainer, results, predictions, composites, made, forward_ms, methods, box_ious, time.perf_counter() - start
+    )
     payload = {
         "steps": args.steps,
         "photos": predictions,
         "composites": [{"name": c.name, "box": list(c.box), "label": explainer.labels[c.label]} for c in composites],
         "methods": {name: vars(r) for name, r in results.items()},
+        "targeted_box_iou": {str(threshold): values for threshold, values in box_ious.items()},
     }
     (args.out / "results.json").write_text(json.dumps(payload, indent=1))
     print(report)

@@ -176,18 +176,6 @@ class SaliencyMethod:
         raise NotImplementedError
 
 
-def classifier_weights(model: torch.nn.Module, channels: int) -> torch.Tensor:
-    """The last linear layer reading ``channels`` pooled features (classes x channels).
-
-    For a global-pooling + linear head, its row for class c weighs each feature map's
-    contribution to c: what the class-conditional DVE variant needs.
-    """
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.in_features == channels]
-    if not linears:
-        raise ValueError(f"the model has no linear layer reading {channels} features: class-conditional DVE needs one")
-    return linears[-1].weight.detach()
-
-
 class DVEMap(SaliencyMethod):
     """DVE or targeted DVE as the handler computes it, optionally class-conditional."""
 
@@ -197,20 +185,22 @@ class DVEMap(SaliencyMethod):
         self.targeted = targeted
         self.class_conditional = class_conditional
 
-    # The last explanation computed, by (batch, parameters, variant): DVE and targeted DVE
-    # of the same settings come from one ``dve.explain`` call, as in the handler.
-    _last: tuple[tuple, dve.Explanation] | None = None
+    # The last explanation computed, with its batch and settings: DVE and targeted DVE of
+    # the same settings come from one ``dve.explain`` call, as in the handler.
+    _last: tuple[Batch, DVEParams, bool, dve.Explanation] | None = None
 
     def maps(self, explainer: Explainer, batch: Batch) -> torch.Tensor:
-        key = (id(batch), self.params, self.class_conditional)
-        if DVEMap._last is not None and DVEMap._last[0] == key:
-            explanation = DVEMap._last[1]
+        last = DVEMap._last
+        if last is not None and last[0] is batch and last[1:3] == (self.params, self.class_conditional):
+            explanation = last[3]
         else:
             weights = None
             if self.class_conditional:
-                weights = classifier_weights(explainer.model, batch.features.shape[1])[batch.classes]
+                if explainer.classifier is None:
+                    raise ValueError(f"class-conditional DVE needs a linear classifier reading layer {explainer.layer}")
+                weights = explainer.classifier.weight.detach()[batch.classes]
             explanation = dve.explain(batch.features, self.params, explainer.input_size, weights)
-            DVEMap._last = (key, explanation)
+            DVEMap._last = (batch, self.params, self.class_conditional, explanation)
         chosen = explanation.targeted if self.targeted else explanation.dve
         return dve.upsample_maps(chosen, explainer.input_size)
 
@@ -399,6 +389,15 @@ def energy_in_box(saliency: torch.Tensor, box: tuple[int, int, int, int]) -> flo
     return float(mass[y0:y1, x0:x1].sum()) / total
 
 
+def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    """Intersection over union of two boxes (x0, y0, x1, y1; exclusive ends)."""
+    width = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 @dataclass(frozen=True)
 class Composite:
     """One image of the localisation set: a real object pasted on a real texture.
@@ -414,6 +413,13 @@ class Composite:
     pixels: torch.Tensor
     box: tuple[int, int, int, int]
     label: int
+
+    @property
+    def off_centre(self) -> bool:
+        """True when the box leaves out the image's centre, where a centre prior cannot score."""
+        height, width = self.pixels.shape[:2]
+        x0, y0, x1, y1 = self.box
+        return not (x0 <= width // 2 < x1 and y0 <= height // 2 < y1)
 
 
 def _object_crops(objects: dict[str, tuple[str, tuple[int, int, int, int]]]) -> dict[str, np.ndarray]:
@@ -439,10 +445,13 @@ def _letterbox(crop: np.ndarray, side: int) -> np.ndarray:
 
 
 def build_localisation_set(
-    explainer: Explainer, per_object: int = 24, seed: int = 0, progress: Callable[[str], None] = lambda _: None
+    explainer: Explainer, per_object: int = 36, seed: int = 0, progress: Callable[[str], None] = lambda _: None
 ) -> tuple[list[Composite], int]:
     """Objects pasted at random places and sizes on random texture crops, reproducibly.
 
+    Objects span 30-70 % of the image's side, anywhere in it: large enough for the
+    model to still recognise them, so most boxes hold the image's centre (see
+    ``Composite.off_centre``).
     Each object's class is the model's top-1 for the object alone (letterboxed on grey);
     a composite is kept only when the model gives it that class too, so a map that
     points at the object points at the evidence for the prediction.
@@ -463,7 +472,7 @@ def build_localisation_set(
             texture = textures[texture_name]
             ty, tx = rng.integers(0, texture.shape[0] - side + 1), rng.integers(0, texture.shape[1] - side + 1)
             canvas = texture[ty : ty + side, tx : tx + side].copy()
-            fitted = _fit(crop, int(rng.integers(side * 2 // 5, side * 7 // 10 + 1)))
+            fitted = _fit(crop, int(rng.integers(side * 3 // 10, side * 7 // 10 + 1)))
             height, width = fitted.shape[:2]
             y0, x0 = int(rng.integers(0, side - height + 1)), int(rng.integers(0, side - width + 1))
             canvas[y0 : y0 + height, x0 : x0 + width] = fitted

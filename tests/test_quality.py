@@ -100,13 +100,6 @@ def test_methods_give_one_map_in_the_unit_range_per_image(lite0_explainer, photo
         assert maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0, method.name
 
 
-def test_class_conditional_dve_reads_the_predicted_class_row(lite0_explainer):
-    weights = quality.classifier_weights(lite0_explainer.model, 1280)
-    assert weights.shape == (1000, 1280)
-    with pytest.raises(ValueError, match="no linear layer"):
-        quality.classifier_weights(lite0_explainer.model, 7)
-
-
 def test_evaluate_writes_a_report_with_every_method(tmp_path, capsys):
     out = tmp_path / "evaluation"
     assert evaluate.main(["--quick", "--photos", "chelsea", "coffee", "--per-object", "2", "--steps", "4", "--out", str(out)]) == 0
