@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.error
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from handler.config import ServingConfig  # noqa: E402
+from handler.dve import DVEParams  # noqa: E402
 from handler.explainer import LABELS_FILE, Explainer  # noqa: E402
 from handler.errors import RequestError  # noqa: E402
 from handler.models import CUSTOM, EFFICIENTNET_LITE0, imagenet_labels, read_labels, torchvision_classifiers  # noqa: E402
@@ -80,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="dve,targeted_dve",
         help="maps a request gets unless it asks otherwise: dve,targeted_dve (default), one of them, or none",
     )
+    parser.add_argument(
+        "--dve",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DVE parameters other than the defaults, e.g. --dve sigma_low=2 sigma_high=1 box_threshold=0.5 "
+        "(the first choice before docs/explanation-quality.md); keys: " + ", ".join(f.name for f in fields(DVEParams)),
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
@@ -102,7 +111,24 @@ def serving_config(args: argparse.Namespace, labels: list[str]) -> ServingConfig
         explanations = parse_explanations(args.explanations)
     except RequestError as exc:
         raise BuildError(f"--explanations: {exc}") from None
-    return replace(config, defaults=replace(config.defaults, explanations=explanations), **overrides)
+    return replace(config, defaults=replace(config.defaults, explanations=explanations), dve=dve_params(args.dve), **overrides)
+
+
+def dve_params(pairs: list[str]) -> DVEParams:
+    """``KEY=VALUE`` pairs over the default DVE parameters; numbers for every key but psi and resolution."""
+    values: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise BuildError(f"--dve takes KEY=VALUE pairs, got {pair!r}")
+        try:
+            values[key] = value if key in ("psi", "resolution") else float(value)
+        except ValueError:
+            raise BuildError(f"--dve {key}: {value!r} is not a number") from None
+    try:
+        return DVEParams.from_mapping(values)
+    except ValueError as exc:
+        raise BuildError(f"--dve: {exc}") from None
 
 
 def class_labels(args: argparse.Namespace) -> list[str]:

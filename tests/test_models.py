@@ -56,3 +56,16 @@ def test_architectures_by_name(tmp_path):
         build_model("custom", 2, model_file=tmp_path / "net.py", model_class="Nope")
     with pytest.raises(ValueError, match="unknown architecture"):
         build_model("vgg17", 10)
+
+
+def test_build_mar_sets_dve_parameters_and_refuses_bad_ones():
+    from handler.dve import DVEParams
+    from scripts.build_mar import BuildError, dve_params
+
+    assert dve_params([]) == DVEParams()
+    assert dve_params(["sigma_low=2", "sigma_high=1", "box_threshold=0.5", "psi=none"]) == DVEParams(
+        sigma_low=2.0, sigma_high=1.0, box_threshold=0.5, psi="none"
+    )
+    for pairs, message in [(["sigma"], "KEY=VALUE"), (["sigma_low=two"], "not a number"), (["sigmaa=1"], "unknown DVE parameter"), (["psi=median"], "psi must be one of")]:
+        with pytest.raises(BuildError, match=message):
+            dve_params(pairs)
