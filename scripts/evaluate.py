@@ -139,7 +139,10 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
     """Runs every measure for every method; returns the results, the names and the examples to draw."""
     results = {m.name: MethodResults(m.name) for m in methods}
     scorer = quality.Scorer(explainer)
-    progress = Progress(total_units=len(photos) * len(methods) + len(methods) + 2)
+    # Units of progress: one photo's deletion and insertion for one method (about half a
+    # second on 2 cores); the other stages weigh what they took in a full run.
+    maps_units, set_units, composite_units = 4 * len(methods), len(methods) / 2, 4 * len(methods)
+    progress = Progress(total_units=len(photos) * len(methods) + maps_units + set_units + composite_units)
 
     batch = quality.forward_batch(explainer, torch.stack([quality.model_crop(explainer, a) for a in photos.values()]))
     start = time.perf_counter()
@@ -149,7 +152,7 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
     photo_maps = {}
     for method in methods:
         photo_maps[method.name], results[method.name].ms_per_image = timed_maps(method, explainer, batch, warm_up)
-    progress.step(1, f"maps of {len(methods)} methods for {len(photos)} photos")
+    progress.step(maps_units, f"maps of {len(methods)} methods for {len(photos)} photos")
 
     predictions = {}
     for i, name in enumerate(photos):
@@ -166,14 +169,14 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
             progress.step(1, f"deletion/insertion: photo {i + 1}/{len(photos)} {name} ({explainer.labels[target]}), {method.name}")
 
     composites, made = quality.build_localisation_set(explainer, per_object=per_object, seed=seed)
-    progress.step(1, f"localisation set: {len(composites)} of {made} composites kept")
+    progress.step(set_units, f"localisation set: {len(composites)} of {made} composites kept")
     chunks = [composites[i : i + 16] for i in range(0, len(composites), 16)]
     parts: dict[str, list[torch.Tensor]] = {m.name: [] for m in methods}
     for n, chunk in enumerate(chunks):
         chunk_batch = quality.forward_batch(explainer, torch.stack([c.pixels for c in chunk]))
         for method in methods:
             parts[method.name].append(method.maps(explainer, chunk_batch))
-        progress.step(len(methods) / max(1, len(chunks)), f"localisation set maps: {sum(map(len, chunks[: n + 1]))}/{len(composites)} composites")
+        progress.step(composite_units / max(1, len(chunks)), f"localisation set maps: {sum(map(len, chunks[: n + 1]))}/{len(composites)} composites")
     composite_maps = {name: torch.cat(maps) if maps else torch.zeros(0, *explainer.input_size) for name, maps in parts.items()}
     for method in methods:
         for composite, saliency in zip(composites, composite_maps[method.name]):
