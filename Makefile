@@ -75,7 +75,7 @@ bench: $(VENV)/.dev
 	$(PY) scripts/bench.py
 
 # Faithfulness of DVE, targeted DVE, a parameter sweep, Grad-CAM and two baselines on
-# EfficientNet-Lite0's real weights; report in build/evaluation/ (about 8 min on 2 cores).
+# EfficientNet-Lite0's real weights; report in build/evaluation/ (8-9 min on 2 cores).
 evaluate: $(VENV)/.dev
 	$(PY) scripts/evaluate.py
 

@@ -25,7 +25,7 @@ around the defaults; Grad-CAM on the same layer; a random map; a centred Gaussia
 Writes ``report.md`` (tables: mean and standard deviation over images, paired
 comparisons, the parameter sets ranked), ``results.json`` (every number per image) and
 ``overlays.png``.
-About 8 minutes on 2 CPU cores.
+8-9 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
