@@ -113,7 +113,39 @@ def test_evaluate_writes_a_report_with_every_method(tmp_path, capsys):
         figures = results["methods"][name]
         assert len(figures["deletion"]) == 2 and len(figures["pointing"]) == len(results["composites"])
     assert (out / "overlays.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## DVE settings ranked" in report and "## The targeted salient box" in report
+    ious = results["targeted_box_iou"]
+    assert [float(t) for t in ious] == list(evaluate.BOX_THRESHOLDS)
+    assert all(len(v) == len(results["composites"]) and all(0 <= x <= 1 for x in v) for v in ious.values())
     assert "Faithfulness of DVE" in capsys.readouterr().out
+
+
+def test_settings_are_ranked_on_both_maps_and_every_metric():
+    from handler.dve import DVEParams
+
+    good, poor = DVEParams(sigma_low=1.0), DVEParams(sigma_low=3.0)
+    methods = [quality.DVEMap(evaluate.label(p, kind), p, targeted=kind == "targeted") for p in (good, poor) for kind in ("dve", "targeted")]
+    results = {}
+    for method in methods:
+        better = method.params == good
+        results[method.name] = evaluate.MethodResults(
+            method.name,
+            deletion=[0.1 if better else 0.2],
+            insertion=[0.5 if better else 0.4],
+            pointing=[1.0 if better else 0.0],
+            pointing_off_centre=[1.0 if better else 0.0],
+            energy=[0.9 if better else 0.5],
+        )
+    ranked = evaluate.rank_settings(results, methods)
+    assert ranked == [(evaluate.label(good, "dve").partition(" ")[2], 1.0), (evaluate.label(poor, "dve").partition(" ")[2], 2.0)]
+
+
+def test_paired_t_and_box_iou():
+    assert evaluate.paired_t([1.0]) != evaluate.paired_t([1.0])  # NaN below two images
+    assert evaluate.paired_t([0.1, 0.1]) == float("inf") and evaluate.paired_t([0.0, 0.0]) == 0.0
+    assert evaluate.paired_t([1.0, 3.0]) == pytest.approx(2.0)  # mean 2 over standard error 1
+    assert quality.box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert quality.box_iou((0, 0, 10, 10), (10, 10, 20, 20)) == 0.0
 
 
 def lite0_defaults():
