@@ -52,12 +52,10 @@ from handler.config import ServingConfig  # noqa: E402
 from handler.explainer import Explainer  # noqa: E402
 from handler.models import build_model, imagenet_labels  # noqa: E402
 from handler.options import ParsedRequest, RequestOptions  # noqa: E402
+from scripts.quality import GradCAMMap  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "rocket", "astronaut")
-# Grad-CAM hooks a module's output; EfficientNet-Lite0's explained map enters global
-# pooling from a Swish module that runs many times, so Grad-CAM takes the BatchNorm
-# right before it (same 1280 x 7 x 7 map, before the activation).
-GRADCAM_LAYERS = {"efficientnet_lite0": "_bn1", "vgg16": "features.30"}
+MODELS = ("efficientnet_lite0", "vgg16")
 IG_STEPS = 15
 IG_INTERNAL_BATCH = 32  # images per Integrated Gradients forward/backward pass
 
@@ -91,7 +89,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def variants(explainer: Explainer, model_name: str, batch_size: int, photos: list[bytes]) -> dict[str, Callable[[], None]]:
+def variants(explainer: Explainer, batch_size: int, photos: list[bytes]) -> dict[str, Callable[[], None]]:
     """The measured variants, each a closure over the same batch."""
     from captum.attr import IntegratedGradients
     from pytorch_grad_cam import GradCAM
@@ -105,7 +103,7 @@ def variants(explainer: Explainer, model_name: str, batch_size: int, photos: lis
     model = explainer.model
     with torch.inference_mode():
         predicted = model(x).argmax(dim=1)
-    layer = dict(model.named_modules())[GRADCAM_LAYERS[model_name]]
+    layer = dict(model.named_modules())[GradCAMMap.layer_name(explainer)]  # the explained map's module
     integrated_gradients = IntegratedGradients(model)
 
     def forward() -> None:
@@ -183,11 +181,11 @@ def timed(run: Callable[[], None], device: torch.device) -> float:
 
 
 def bench(
-    explainer: Explainer, model_name: str, batch_size: int, photos: list[bytes], repeats: int, budget: float, per_image_ms: dict[str, float]
+    explainer: Explainer, batch_size: int, photos: list[bytes], repeats: int, budget: float, per_image_ms: dict[str, float]
 ) -> dict[str, tuple[float, float] | str]:
     """Median ms and peak MB per variant; a skip reason where one run would not fit the budget."""
     device = explainer.device
-    runs = variants(explainer, model_name, batch_size, photos)
+    runs = variants(explainer, batch_size, photos)
     results: dict[str, tuple[float, float] | str] = {name: (0.0, 0.0) for name in runs}
     for name in list(runs)[1:]:  # the forward pass always runs: it is the yardstick
         estimate = per_image_ms.get(name, 0.0) * batch_size / 1000.0
@@ -216,7 +214,7 @@ def bench(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "vgg16"], choices=sorted(GRADCAM_LAYERS))
+    parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "vgg16"], choices=MODELS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=15, help="repetitions at most (at least 3)")
     parser.add_argument("--budget", type=float, default=40.0, help="seconds of timed runs per model and batch size")
@@ -233,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         explainer = make_explainer(name, device)
         per_image_ms: dict[str, float] = {}
         for batch_size in sorted(args.batch_sizes):
-            results = bench(explainer, name, batch_size, photos, args.repeats, args.budget, per_image_ms)
+            results = bench(explainer, batch_size, photos, args.repeats, args.budget, per_image_ms)
             forward_ms = results["forward"][0]  # type: ignore[index]
             for variant, value in results.items():
                 if isinstance(value, str):

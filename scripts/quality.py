@@ -19,7 +19,6 @@ Measures (see ``shared/DVE_SPEC.md``):
 from __future__ import annotations
 
 import copy
-import io
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from handler import dve
+from handler import dve, imaging
 from handler.dve import DVEParams
 from handler.explainer import Explainer
 from handler.options import ParsedRequest, RequestOptions
@@ -122,19 +121,13 @@ def load_photos(names: list[str] | None = None) -> dict[str, np.ndarray]:
     return {name: rgb(PHOTOS[name]()) for name in names}
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def model_crop(explainer: Explainer, image: np.ndarray | bytes) -> torch.Tensor:
     """The crop the handler would feed the model for this photo (H x W x 3 uint8).
 
     ``image`` is an RGB array (sent as a PNG) or an image file's bytes, sent as they are
     (so a user's JPEG is decoded, EXIF orientation included, exactly as the server does).
     """
-    data = image if isinstance(image, bytes) else png_bytes(image)
+    data = image if isinstance(image, bytes) else imaging.encode_png(image)
     request = ParsedRequest(data, RequestOptions(1, (), "png", None))
     return explainer.prepare(request).pixels
 
@@ -488,7 +481,5 @@ def build_localisation_set(
 
 def overlay_tile(pixels: torch.Tensor, saliency: torch.Tensor) -> np.ndarray:
     """A map drawn over its image as the handler's ``overlay`` format draws it (H x W x 3)."""
-    from handler import imaging
-
     photo = Image.fromarray(pixels.cpu().numpy())
     return imaging.overlay(photo, imaging.to_uint8(saliency.cpu()[None])[0])

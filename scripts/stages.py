@@ -42,10 +42,11 @@ sys.path.insert(0, str(ROOT))
 
 from handler.errors import RequestError  # noqa: E402
 from handler.explainer import Explainer, Result  # noqa: E402
+from handler import imaging  # noqa: E402
 from handler.imaging import CropGeometry  # noqa: E402
 from handler.models import EFFICIENTNET_LITE0, build_model, torchvision_classifiers  # noqa: E402
 from handler.options import MIN_MAP_SIZE, parse_request  # noqa: E402
-from scripts import build_mar  # noqa: E402
+from scripts import build_mar, quality  # noqa: E402
 
 DEFAULT_IMAGES = ("chelsea", "coffee", "rocket", "astronaut")  # scikit-image's photographs
 DEFAULT_OUT = ROOT / "build" / "figures" / "stages.png"
@@ -118,14 +119,7 @@ def read_images(paths: list[Path] | None) -> list[tuple[str, bytes]]:
         if missing:
             raise FigureError(f"image file(s) not found: {', '.join(missing)}")
         return [(path.stem, path.read_bytes()) for path in paths]
-    import skimage.data
-
-    images = []
-    for name in DEFAULT_IMAGES:
-        buffer = io.BytesIO()
-        Image.fromarray(getattr(skimage.data, name)()).convert("RGB").save(buffer, "PNG")
-        images.append((name, buffer.getvalue()))
-    return images
+    return [(name, imaging.encode_png(photo)) for name, photo in quality.load_photos(list(DEFAULT_IMAGES)).items()]
 
 
 def map_size_for(image: Image.Image, explainer: Explainer, panel: int) -> int:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from handler import imaging
 from handler.models import imagenet_labels
 from handler.options import ParsedRequest, RequestOptions
 from scripts import figures, quality
@@ -65,7 +66,7 @@ def _served(explainer, image_bytes: bytes) -> tuple[dict, object]:
 
 def test_grid_row_is_what_the_handler_answers(lite0_explainer):
     photo = quality.load_photos(["chelsea"])["chelsea"]
-    data = quality.png_bytes(photo)
+    data = imaging.encode_png(photo)
     (row,) = figures.grid_rows(lite0_explainer, [("chelsea", data)], figures.TRUTH)
     body, geometry = _served(lite0_explainer, data)
     assert row.top == body["predictions"][0]["index"]
@@ -99,7 +100,7 @@ def test_blur_is_torchvisions_two_dimensional_gaussian_blur():
 
 
 def test_blur_sweep_starts_at_the_handler_answer_and_loses_the_cat(lite0_explainer):
-    data = quality.png_bytes(quality.load_photos(["chelsea"])["chelsea"])
+    data = imaging.encode_png(quality.load_photos(["chelsea"])["chelsea"])
     original, steps = figures.blur_sweep(lite0_explainer, quality.model_crop(lite0_explainer, data), [0, 16], figures.TRUTH["chelsea"])
     body, _ = _served(lite0_explainer, data)
     unblurred, blurred = steps
