@@ -175,13 +175,14 @@ class Explainer:
         photo = decoded.image if options.format == "overlay" and maps else None
         return PreparedImage(options, geometry, pixels, photo)
 
-    def _normalised(self, pixels: torch.Tensor) -> torch.Tensor:
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The model's input for a uint8 batch (B x H x W x 3): B x 3 x H x W, normalised, on its device."""
         x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and the explained layer's feature maps for a uint8 batch (B x H x W x 3)."""
-        x = self._normalised(pixels)
+        x = self.normalise(pixels)
         with torch.inference_mode(), FeatureCapture(self.model, self.layer) as capture:
             logits = self.model(x)
         return logits, capture.features
@@ -191,7 +192,7 @@ class Explainer:
 
         The explained layer's maps are the last stage's: the same tensor, not a copy.
         """
-        x = self._normalised(pixels)
+        x = self.normalise(pixels)
         with torch.inference_mode(), StageCapture(self.model, self.stages) as capture:
             logits = self.model(x)
         missing = [str(stage) for stage, features in zip(self.stages, capture.features) if features is None]

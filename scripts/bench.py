@@ -94,12 +94,11 @@ def variants(explainer: Explainer, batch_size: int, photos: list[bytes]) -> dict
     from captum.attr import IntegratedGradients
     from pytorch_grad_cam import GradCAM
 
-    device = explainer.device
     images = [photos[i % len(photos)] for i in range(batch_size)]
     requests_with = [ParsedRequest(image, RequestOptions(5, ("dve", "targeted_dve"), "png", 224)) for image in images]
     requests_without = [ParsedRequest(image, RequestOptions(5, (), "png", 224)) for image in images]
     pixels = torch.stack([explainer.prepare(request).pixels for request in requests_with])
-    x = ((pixels.to(device).permute(0, 3, 1, 2).float() / 255.0) - explainer.mean) / explainer.std
+    x = explainer.normalise(pixels)
     model = explainer.model
     with torch.inference_mode():
         predicted = model(x).argmax(dim=1)

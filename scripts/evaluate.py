@@ -233,7 +233,6 @@ def compare(a: MethodResults, b: MethodResults, metric: str) -> dict[str, float]
         "t": paired_t(gains),
         "spread": max(summary(x)[1], summary(y)[1]),
         "wins": sum(g > 0 for g in gains),
-        "ties": sum(g == 0 for g in gains),
         "n": len(gains),
     }
 

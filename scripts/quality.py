@@ -24,7 +24,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from handler import dve, imaging
@@ -154,9 +153,9 @@ class Batch:
 def forward_batch(explainer: Explainer, pixels: torch.Tensor) -> Batch:
     """One forward pass through the handler's own path (hook included)."""
     logits, features = explainer.forward(pixels)
-    x = (pixels.to(explainer.device).permute(0, 3, 1, 2).float() / 255.0 - explainer.mean) / explainer.std
+    x = explainer.normalise(pixels)
     probabilities = logits.float().softmax(dim=1)
-    return Batch(pixels, x, features.clone(), probabilities, probabilities.argmax(dim=1))
+    return Batch(pixels, x, features, probabilities, probabilities.argmax(dim=1))
 
 
 class SaliencyMethod:
