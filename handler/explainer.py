@@ -45,7 +45,8 @@ class PreparedImage:
         options: what the request asked for.
         geometry: where the model's crop lies in the original image.
         pixels: the model's input crop, H x W x 3 uint8 on the host.
-        photo: the decoded photo, kept only when an overlay must be drawn on it.
+        photo: the decoded photo, kept only when an overlay must be drawn on it; scaled
+            to the maps' size the first time one is drawn, once for all its maps.
     """
 
     options: RequestOptions
@@ -328,6 +329,8 @@ class Explainer:
         drawn = imaging.render_maps(maps, item.geometry, (width, height))
         fmt = item.options.format
         host = drawn.cpu().numpy().round(ARRAY_DECIMALS) if fmt == "array" else imaging.to_uint8(drawn)
+        if fmt == "overlay" and item.photo.size != (width, height):
+            item.photo = item.photo.resize((width, height), imaging.OVERLAY_RESAMPLING)
         entries = {}
         for name, data in zip(names, host):
             if fmt == "array":

@@ -212,16 +212,22 @@ COLORMAP = np.stack(
 ).round().astype(np.uint8)
 
 
+OVERLAY_RESAMPLING = Image.Resampling.BILINEAR
+
+
 def overlay(image: Image.Image, map_u8: np.ndarray, opacity: float = 0.6) -> np.ndarray:
     """Colours the photo by the map: opaque where the map is high, untouched where it is 0.
 
     Args:
-        image: the RGB photo at any size; it is resized to the map's size.
+        image: the RGB photo at any size; it is resized to the map's size unless it has it
+            already (a caller drawing several maps resizes it once).
         map_u8: the map (h x w, uint8).
         opacity: the colour's weight where the map is at its maximum.
     """
     height, width = map_u8.shape
-    photo = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+    if image.size != (width, height):
+        image = image.resize((width, height), OVERLAY_RESAMPLING)
+    photo = np.asarray(image, dtype=np.float32)
     alpha = (map_u8.astype(np.float32) / 255.0 * opacity)[..., None]
     blended = photo * (1.0 - alpha) + COLORMAP[map_u8].astype(np.float32) * alpha
     return (blended + 0.5).astype(np.uint8)
