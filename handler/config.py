@@ -39,12 +39,27 @@ class RequestDefaults:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds that protect the worker from oversized input and output."""
+    """Bounds on one request's work, checked before its image is decoded (``handler.budget``).
+
+    Attributes:
+        max_image_bytes: the image's encoded size.
+        max_image_pixels: the image's pixels, read from its header; bounds decoding.
+        max_map_size: the long side of a map, ``"original"`` included.
+        max_array_values: the values of format ``array``, over all maps.
+        max_rendered_pixels: map pixels drawn over all maps (an overlay counts 3 per pixel).
+        max_response_bytes: an upper bound of the answer's size; keep it below TorchServe's
+            ``max_response_size``.
+
+    The defaults keep the most expensive request they allow under 2 s of worker time and
+    500 MB of extra memory on 2 CPU cores (``make worstcase``, docs/reliability.md).
+    """
 
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     max_map_size: int = 4096
     max_array_values: int = 1024 * 1024
+    max_rendered_pixels: int = 24_000_000
+    max_response_bytes: int = 24 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 INTERNAL_ERROR_MESSAGE = "internal error: the server could not answer this request; its log has the details"
+OUT_OF_MEMORY_MESSAGE = (
+    "the server ran out of memory answering this request; try again later, or ask for less "
+    "(a smaller map_size, fewer maps, format 'png')"
+)
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)  # the host's, and CUDA's
 
 
 class RequestError(ValueError):
@@ -30,3 +37,16 @@ def internal_error(stage: str) -> RequestError:
     """
     logger.exception("unexpected error while %s; the request is answered with 500", stage)
     return RequestError(INTERNAL_ERROR_MESSAGE, 500)
+
+
+def failure(error: Exception, stage: str) -> RequestError:
+    """The answer for one request after an unexpected exception: call it inside ``except``.
+
+    Running out of memory (host or CUDA) is the server's momentary state, not the
+    request's fault nor a bug: 503, so that clients retry later, with one log line.
+    Anything else is a bug: ``internal_error``.
+    """
+    if isinstance(error, OUT_OF_MEMORY):
+        logger.error("out of memory while %s (%s); the request is answered with 503", stage, type(error).__name__)
+        return RequestError(OUT_OF_MEMORY_MESSAGE, 503)
+    return internal_error(stage)

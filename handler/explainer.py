@@ -25,16 +25,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from handler import dve, imaging
+from handler import budget, dve, imaging
 from handler.config import ServingConfig
-from handler.errors import RequestError, internal_error
+from handler.errors import RequestError, failure
 from handler.layers import FeatureCapture, Stage, StageCapture, find_classifier, find_stages, resolve_feature_layer
 from handler.models import CUSTOM, build_model, imagenet_labels, load_weights, read_labels
 from handler.options import ParsedRequest, RequestOptions
 
 ARRAY_DECIMALS = 4
 LABELS_FILE = "index_to_name.json"  # TorchServe's name for an archive's labels
-ERROR_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError"}
+ERROR_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError", 503: "ServiceUnavailable"}
 
 
 @dataclass
@@ -45,14 +45,15 @@ class PreparedImage:
         options: what the request asked for.
         geometry: where the model's crop lies in the original image.
         pixels: the model's input crop, H x W x 3 uint8 on the host.
-        photo: the decoded photo, kept only when an overlay must be drawn on it; scaled
-            to the maps' size the first time one is drawn, once for all its maps.
+        photo: the photo at the maps' size, kept only when overlays are drawn on it.
+        cost: what its decoding, maps and answer cost (``handler.budget``).
     """
 
     options: RequestOptions
     geometry: imaging.CropGeometry
     pixels: torch.Tensor
     photo: Image.Image | None
+    cost: budget.RequestCost
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Explainer:
         # The last stage is the explained layer itself (handler.layers.find_stages).
         self.stages: list[Stage] = find_stages(self.model, example, self.layer)
         self.classifier = find_classifier(self.model, self.feature_shape[0], config.num_classes)
+        self.label_chars = max(len(label) for label in labels)
         self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
         self.timings = Timings()
@@ -153,28 +155,35 @@ class Explainer:
         )
 
     def prepare(self, request: ParsedRequest) -> PreparedImage:
-        """Decodes one request's image and cuts the model's crop (raises RequestError)."""
-        limits = self.config.limits
-        decoded = imaging.decode_image(request.image, max_pixels=limits.max_image_pixels, short_side=self.config.resize_size)
-        geometry = imaging.CropGeometry.centre_crop(decoded.width, decoded.height, self.config.resize_size, self.config.crop_size)
-        options = request.options
-        maps = len(options.explanations) + (len(self.stages) if options.stages else 0)
-        if options.format == "array" and maps:
-            width, height = geometry.map_size(options.map_size)
-            values = width * height * maps
-            if values > limits.max_array_values:
-                raise RequestError(
-                    f"format 'array' would return {values} values for this {decoded.width} x {decoded.height} image; "
-                    f"the limit is {limits.max_array_values}: ask for a smaller map_size or format 'png'"
-                )
+        """Checks one request's cost from its image header, then decodes and crops (raises RequestError).
+
+        Nothing is decoded before the request is known to fit the archive's limits
+        (``handler.budget``); an overlay's photo is decoded just large enough for its maps.
+        """
+        config, options = self.config, request.options
+        opened = imaging.open_image(request.image, max_pixels=config.limits.max_image_pixels)
+        geometry = imaging.CropGeometry.centre_crop(opened.width, opened.height, config.resize_size, config.crop_size)
         if options.class_conditional and self.classifier is None:
             raise RequestError(
                 f"class_conditional needs a linear classifier reading the {self.feature_shape[0]} channels of the "
                 f"explained layer {self.layer}; this model has none"
             )
+        has_maps = bool(options.explanations or options.stages)
+        map_size = geometry.map_size(options.map_size)
+        cover = map_size if options.format == "overlay" and has_maps else None
+        scale = imaging.decode_scale(opened.width, opened.height, config.resize_size, cover)
+        cost = budget.check(
+            options,
+            geometry,
+            config.limits,
+            decoded_pixels=opened.plan(scale),
+            stages=len(self.stages),
+            label_chars=self.label_chars,
+        )
+        decoded = imaging.decode(opened, scale)
         pixels = imaging.model_input(decoded, geometry)
-        photo = decoded.image if options.format == "overlay" and maps else None
-        return PreparedImage(options, geometry, pixels, photo)
+        photo = decoded.image.resize(map_size, imaging.OVERLAY_RESAMPLING) if cover else None
+        return PreparedImage(options, geometry, pixels, photo, cost)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """The model's input for a uint8 batch (B x H x W x 3): B x 3 x H x W, normalised, on its device."""
@@ -212,16 +221,16 @@ class Explainer:
                 prepared.append(request if isinstance(request, RequestError) else self.prepare(request))
             except RequestError as error:
                 prepared.append(error)
-            except Exception:  # a bug must fail its own request only
-                prepared.append(internal_error("decoding an image"))
+            except Exception as error:  # a bug or a lack of memory fails its own request only
+                prepared.append(failure(error, "decoding an image"))
         ok = [i for i, item in enumerate(prepared) if isinstance(item, PreparedImage)]
         timings.decode = _ms_since(start)
         results = [Result.error(item) if isinstance(item, RequestError) else None for item in prepared]
         if ok:
             try:
                 answers = self._answer([prepared[i] for i in ok], timings)
-            except Exception:  # the batch's shared work failed: its requests, not the worker
-                answers = [Result.error(internal_error("answering a batch"))] * len(ok)
+            except Exception as error:  # the batch's shared work failed: its requests, not the worker
+                answers = [Result.error(failure(error, "answering a batch"))] * len(ok)
             for i, result in zip(ok, answers):
                 results[i] = result
         timings.batch_size = len(ok)
@@ -245,7 +254,7 @@ class Explainer:
         timings.forward = _ms_since(start)
 
         start = time.perf_counter()
-        explanation = None
+        explanation, boxes, box_valid = None, [], []
         if any(item.options.explanations for item in batch):
             explanation = dve.explain(features, self.config.dve, self.input_size, self._channel_weights(batch, features, top_i[:, 0]))
             boxes = explanation.boxes.cpu().tolist()
@@ -257,31 +266,51 @@ class Explainer:
         start = time.perf_counter()
         results = []
         for b, item in enumerate(batch):
-            body: dict[str, Any] = {
-                "predictions": [
-                    {"index": int(index), "label": self.labels[index], "probability": round(float(p), 6)}
-                    for p, index in zip(top_p[b, : item.options.topk].tolist(), top_i[b, : item.options.topk].tolist())
-                ],
-                "image": {"width": item.geometry.width, "height": item.geometry.height},
-                "explanations": {},
-                "layer": str(self.layer),
-            }
-            if item.options.class_conditional:
-                body["explained_class"] = body["predictions"][0]
-            if explanation is not None and item.options.explanations:
-                maps = {"dve": explanation.dve[b], "targeted_dve": explanation.targeted[b]}
-                names = item.options.explanations
-                body["explanations"] = self._render(torch.stack([maps[name] for name in names]), names, item)
-                if "targeted_dve" in names:
-                    body["explanations"]["targeted_dve"]["box"] = item.geometry.box_to_original(boxes[b]) if box_valid[b] else None
-            if b in stage_maps:
-                body["stages"] = [
-                    {"layer": str(stage), "shape": list(stage.shape), "dve": self._render_stage(stage_map, item)}
-                    for stage, stage_map in zip(self.stages, stage_maps[b])
-                ]
-            results.append(Result(200, body))
+            try:  # each answer is drawn and encoded on its own: one failure is one request's
+                results.append(Result(200, self._body(b, item, top_p, top_i, explanation, boxes, box_valid, stage_maps)))
+            except RequestError as error:
+                results.append(Result.error(error))
+            except Exception as error:
+                results.append(Result.error(failure(error, "drawing and encoding an answer")))
         timings.encode = _ms_since(start)
         return results
+
+    def _body(
+        self,
+        b: int,
+        item: PreparedImage,
+        top_p: torch.Tensor,
+        top_i: torch.Tensor,
+        explanation: dve.Explanation | None,
+        boxes: list[list[float]],
+        box_valid: list[bool],
+        stage_maps: dict[int, list[torch.Tensor]],
+    ) -> dict[str, Any]:
+        """Batch row ``b``'s answer: its predictions, and its maps drawn and encoded."""
+        topk = item.options.topk
+        body: dict[str, Any] = {
+            "predictions": [
+                {"index": int(index), "label": self.labels[index], "probability": round(float(p), 6)}
+                for p, index in zip(top_p[b, :topk].tolist(), top_i[b, :topk].tolist())
+            ],
+            "image": {"width": item.geometry.width, "height": item.geometry.height},
+            "explanations": {},
+            "layer": str(self.layer),
+        }
+        if item.options.class_conditional:
+            body["explained_class"] = body["predictions"][0]
+        if explanation is not None and item.options.explanations:
+            maps = {"dve": explanation.dve[b], "targeted_dve": explanation.targeted[b]}
+            names = item.options.explanations
+            body["explanations"] = self._render(torch.stack([maps[name] for name in names]), names, item)
+            if "targeted_dve" in names:
+                body["explanations"]["targeted_dve"]["box"] = item.geometry.box_to_original(boxes[b]) if box_valid[b] else None
+        if b in stage_maps:
+            body["stages"] = [
+                {"layer": str(stage), "shape": list(stage.shape), "dve": self._render_stage(stage_map, item)}
+                for stage, stage_map in zip(self.stages, stage_maps[b])
+            ]
+        return body
 
     def _channel_weights(self, batch: list[PreparedImage], features: torch.Tensor, top1: torch.Tensor) -> torch.Tensor | None:
         """B x C weights for ``dve.explain``: the classifier's row for the top class where a
@@ -329,8 +358,7 @@ class Explainer:
         drawn = imaging.render_maps(maps, item.geometry, (width, height))
         fmt = item.options.format
         host = drawn.cpu().numpy().round(ARRAY_DECIMALS) if fmt == "array" else imaging.to_uint8(drawn)
-        if fmt == "overlay" and item.photo.size != (width, height):
-            item.photo = item.photo.resize((width, height), imaging.OVERLAY_RESAMPLING)
+        del drawn
         entries = {}
         for name, data in zip(names, host):
             if fmt == "array":

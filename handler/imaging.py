@@ -16,12 +16,22 @@ from math import ceil, floor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from handler.errors import RequestError
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+# What each EXIF orientation takes to show the image upright (as ImageOps.exif_transpose).
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass(frozen=True)
@@ -75,14 +85,48 @@ class DecodedImage:
     height: int
 
 
-def decode_image(data: bytes, *, max_pixels: int, short_side: int | None = None) -> DecodedImage:
-    """Decodes any still image Pillow reads into upright 8-bit RGB.
+# Decoding shrinks a large image to at least REDUCING_GAP times the size the request
+# needs (Pillow's own rule for its reducing_gap: a box-filtered integer reduction, then an
+# antialiased resize of at least this factor, is indistinguishable from resizing at once).
+REDUCING_GAP = 2.0
+# Mode conversions run over strips of about this many pixels, so converting a 50 MP
+# RGBA or 16-bit image never holds a second full-size copy of it.
+STRIP_PIXELS = 1 << 20
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
-    Grayscale, palette, CMYK and 16-bit images are converted; transparent pixels are
-    composited on white. The pixel limit is checked from the header, before any
-    decoding, so a decompression bomb costs nothing. With ``short_side``, a JPEG
-    decodes at the smallest power-of-two scale whose short side still covers it (a
-    12 MP photo decodes at 1/8 size: several times faster, same model input).
+
+@dataclass
+class OpenedImage:
+    """An image whose header has been read and checked, not yet decoded.
+
+    Attributes:
+        image: Pillow's lazily decoding image (file orientation).
+        width, height: the upright original size in pixels (after EXIF orientation).
+        orientation: the EXIF orientation (1: upright as stored).
+    """
+
+    image: Image.Image
+    width: int
+    height: int
+    orientation: int = 1
+
+    def plan(self, scale: float) -> int:
+        """Sets up decoding at ``scale`` (<= 1) of the original; returns the pixels it will decode.
+
+        A JPEG is decoded at the smallest power-of-two reduction that still covers
+        ``scale`` (libjpeg's DCT scaling: a 12 MP photo needed at 256 px decodes at 1/8
+        size, several times faster); every other format decodes at full size.
+        """
+        image = self.image
+        if image.format == "JPEG" and scale < 1.0:
+            image.draft(image.mode, (ceil(image.width * scale), ceil(image.height * scale)))
+        return image.width * image.height
+
+
+def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
+    """Reads an image's header: its format, size and orientation, before any pixel is decoded.
+
+    The pixel limit is checked here, so a decompression bomb costs nothing.
 
     Raises:
         RequestError: 400 if the bytes are no readable image, 413 if it is too large.
@@ -95,48 +139,134 @@ def decode_image(data: bytes, *, max_pixels: int, short_side: int | None = None)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise RequestError(
-                    f"image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}", 413
-                )
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+                raise RequestError(f"image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}", 413)
+            # Pillow reads a PNG's whole image data to look for an eXIf chunk behind it; the
+            # PNG specification puts eXIf before the data, so only that one counts.
+            late_exif = image.format == "PNG" and "exif" not in image.info
+            orientation = 1 if late_exif else image.getexif().get(_EXIF_ORIENTATION, 1)
             if orientation in _TRANSPOSED_ORIENTATIONS:
                 width, height = height, width
-            if short_side is not None and image.format == "JPEG":
-                scale = short_side / min(width, height)
-                if scale < 1.0:
-                    image.draft("RGB", (ceil(image.width * scale), ceil(image.height * scale)))
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            image = _to_rgb(image)
-    except RequestError:
+    except (RequestError, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RequestError(f"image is too large: {exc}", 413) from None
     except Image.UnidentifiedImageError:
         raise RequestError("the data is not an image in a format the server reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)") from None
+    except Exception as exc:  # Pillow's header parsers fail corrupt data with many exception types
+        raise RequestError(f"the image is truncated or corrupt: {exc}") from None
+    return OpenedImage(image, width, height, orientation)
+
+
+def decode_scale(width: int, height: int, short_side: int | None, cover: tuple[int, int] | None = None) -> float:
+    """The smallest scale (<= 1) of a ``width x height`` image that a request needs.
+
+    Args:
+        short_side: the model's resize: the short side must keep at least this many pixels.
+        cover: (width, height) the photo must still fill at that scale (an overlay's map size).
+    """
+    scale = 1.0 if short_side is None else short_side / min(width, height)
+    if cover is not None:
+        scale = max(scale, cover[0] / width, cover[1] / height)
+    return min(1.0, scale)
+
+
+def decode(opened: OpenedImage, scale: float = 1.0) -> DecodedImage:
+    """Decodes a checked image into upright 8-bit RGB at about ``scale`` of its size, or more.
+
+    Grayscale, palette, CMYK, 16-bit and float images are converted; transparent pixels
+    are composited on white. A large image is reduced (box filter, integer factor) to no
+    less than ``REDUCING_GAP`` times ``scale`` as it is converted, strip by strip: peak
+    memory is the decoded raster plus a strip, whatever the mode.
+
+    Raises:
+        RequestError: 400 if the data turns out truncated or corrupt.
+        MemoryError: never turned into a 400: the caller answers it as a server problem.
+    """
+    try:
+        opened.plan(scale)
+        image = opened.image
+        image.load()
+        wanted = scale * max(opened.width, opened.height) / max(image.width, image.height)
+        factor = max(1, floor(1.0 / (wanted * REDUCING_GAP))) if wanted < 1.0 else 1
+        image = _to_rgb(image, factor)
+        if opened.orientation in _TRANSPOSES:
+            image = image.transpose(_TRANSPOSES[opened.orientation])
+    except (RequestError, MemoryError):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(f"image is too large: {exc}", 413) from None
     except Exception as exc:  # Pillow's decoders fail corrupt data with many exception types
         raise RequestError(f"the image is truncated or corrupt: {exc}") from None
-    return DecodedImage(image, width, height)
+    return DecodedImage(image, opened.width, opened.height)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, short_side: int | None = None) -> DecodedImage:
+    """``open_image`` then ``decode``: the whole image, or just enough for a ``short_side`` resize."""
+    opened = open_image(data, max_pixels=max_pixels)
+    return decode(opened, decode_scale(opened.width, opened.height, short_side))
+
+
+def _to_rgb(image: Image.Image, factor: int) -> Image.Image:
+    """``image`` as 8-bit RGB, reduced by ``factor``, converted one strip of rows at a time."""
+    if image.mode == "RGB":
+        return image.reduce(factor) if factor > 1 else image
+    convert = _strip_converter(image, factor)
+    width, height = image.size
+    out = Image.new("RGB", (ceil(width / factor), ceil(height / factor)))
+    rows = factor * max(1, STRIP_PIXELS // (width * factor))
+    for top in range(0, height, rows):
+        strip = image.crop((0, top, width, min(height, top + rows)))
+        out.paste(convert(strip), (0, top // factor))
+    return out
+
+
+def _strip_converter(image: Image.Image, factor: int):
+    """A function turning one strip of ``image`` into reduced 8-bit RGB.
+
+    Transparent images are reduced premultiplied (a transparent pixel's hidden colour
+    must not bleed into its neighbours) and then laid on white. High-bit-depth images
+    are scaled to 8 bits by one peak for the whole image: 65535 for 16-bit, else 255,
+    65535 or the maximum, whichever first covers the data (1.0 for float images in [0, 1]).
+    """
+
+    def reduced(strip: Image.Image) -> Image.Image:
+        return strip.reduce(factor) if factor > 1 else strip
+
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+
+        def on_white(strip: Image.Image) -> Image.Image:
+            rgba = strip.convert("RGBA")
+            if factor > 1:
+                rgba = rgba.convert("RGBa").reduce(factor).convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+
+        return on_white
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float32)
-        top = float(array.max()) if array.size else 0.0
-        if image.mode.startswith("I;16"):
-            peak = 65535.0
-        elif image.mode == "I":
-            peak = 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
-        else:
-            peak = 1.0 if top <= 1.0 else top
-        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB") if image.mode != "RGB" else image
+        peak = _peak(image)
+
+        def scaled(strip: Image.Image) -> Image.Image:
+            array = np.asarray(strip, dtype=np.float32)
+            array *= 255.0 / peak
+            array += 0.5
+            np.clip(array, 0, 255, out=array)
+            return reduced(Image.fromarray(array.astype(np.uint8), "L")).convert("RGB")
+
+        return scaled
+    if image.mode in ("L", "CMYK", "YCbCr"):
+        return lambda strip: reduced(strip).convert("RGB")
+    return lambda strip: reduced(strip.convert("RGB"))
+
+
+def _peak(image: Image.Image) -> float:
+    """The value that maps to 255 when a high-bit-depth image becomes 8-bit."""
+    if image.mode.startswith("I;16"):
+        return 65535.0
+    top = float(image.getextrema()[1])
+    if image.mode == "I":
+        return 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
+    return 1.0 if top <= 1.0 else top
 
 
 def model_input(decoded: DecodedImage, geometry: CropGeometry) -> torch.Tensor:
@@ -168,17 +298,47 @@ def render_maps(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int
     Returns:
         ``C x height x width`` tensor in [0, 1] on the maps' device: bicubic inside the
         crop (sampled at each output pixel's centre), zero where the model saw nothing.
+
+    Bicubic interpolation is separable, so the drawing is two small matrix products,
+    ``rows @ map @ columns.T``, whose weights are exactly ``grid_sample``'s (bicubic,
+    border padding, ``align_corners=False``): the cost grows with the output's pixels
+    alone, with no sampling grid held in memory.
     """
     out_w, out_h = size
-    device = maps.device
-    xs = (torch.arange(out_w, device=device, dtype=torch.float32) + 0.5) * (geometry.width / out_w)
-    ys = (torch.arange(out_h, device=device, dtype=torch.float32) + 0.5) * (geometry.height / out_h)
-    gx = 2.0 * (xs - geometry.left) / geometry.side - 1.0
-    gy = 2.0 * (ys - geometry.top) / geometry.side - 1.0
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1).unsqueeze(0)
-    sampled = F.grid_sample(maps[None].float(), grid, mode="bicubic", padding_mode="border", align_corners=False)[0]
-    inside = (gy.abs() <= 1.0)[:, None] & (gx.abs() <= 1.0)[None, :]
-    return torch.where(inside, sampled.clamp(0.0, 1.0), torch.zeros_like(sampled))
+    _, h, w = maps.shape
+    rows = _bicubic_weights(out_h, geometry.height, geometry.top, geometry.side, h, maps.device)
+    columns = _bicubic_weights(out_w, geometry.width, geometry.left, geometry.side, w, maps.device)
+    return (rows @ maps.float() @ columns.T).clamp_(0.0, 1.0)
+
+
+_CUBIC_A = -0.75  # the cubic convolution constant of PyTorch's (and OpenCV's) bicubic
+
+
+def _bicubic_weights(out_n: int, full: int, start: float, side: float, n_in: int, device: torch.device) -> torch.Tensor:
+    """``out_n x n_in`` weights sampling a crop of ``n_in`` cells along one axis.
+
+    Output pixel i is centred at ``(i + 0.5) * full / out_n`` original pixels; the crop
+    spans ``[start, start + side]``. Rows of pixels outside the crop are zero.
+    """
+    centres = (torch.arange(out_n, device=device, dtype=torch.float64) + 0.5) * (full / out_n)
+    grid = 2.0 * (centres - start) / side - 1.0
+    source = ((grid + 1.0) * n_in - 1.0) / 2.0  # grid_sample's unnormalisation, align_corners=False
+    base = source.floor()
+    t = source - base
+    a = _CUBIC_A
+    taps = torch.stack(
+        [
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        ],
+        dim=1,
+    )
+    index = (base.long()[:, None] + torch.arange(-1, 3, device=device)).clamp_(0, n_in - 1)  # border padding
+    weights = torch.zeros(out_n, n_in, device=device, dtype=torch.float64).scatter_add_(1, index, taps)
+    weights[grid.abs() > 1.0] = 0.0
+    return weights.float()
 
 
 def to_uint8(map01: torch.Tensor) -> np.ndarray:
@@ -215,6 +375,9 @@ COLORMAP = np.stack(
 OVERLAY_RESAMPLING = Image.Resampling.BILINEAR
 
 
+OVERLAY_ROWS = 256  # rows blended at a time: bounded temporaries whatever the map's size
+
+
 def overlay(image: Image.Image, map_u8: np.ndarray, opacity: float = 0.6) -> np.ndarray:
     """Colours the photo by the map: opaque where the map is high, untouched where it is 0.
 
@@ -223,11 +386,20 @@ def overlay(image: Image.Image, map_u8: np.ndarray, opacity: float = 0.6) -> np.
             already (a caller drawing several maps resizes it once).
         map_u8: the map (h x w, uint8).
         opacity: the colour's weight where the map is at its maximum.
+
+    Blending is integer arithmetic in 1/256ths on bands of rows (within one grey level
+    of the exact blend), so a large overlay needs no float copies of the photo.
     """
     height, width = map_u8.shape
     if image.size != (width, height):
         image = image.resize((width, height), OVERLAY_RESAMPLING)
-    photo = np.asarray(image, dtype=np.float32)
-    alpha = (map_u8.astype(np.float32) / 255.0 * opacity)[..., None]
-    blended = photo * (1.0 - alpha) + COLORMAP[map_u8].astype(np.float32) * alpha
-    return (blended + 0.5).astype(np.uint8)
+    photo = np.asarray(image)
+    weight = np.round(np.arange(256) / 255.0 * opacity * 256.0).astype(np.uint16)  # colour's weight per map level
+    colour = COLORMAP.astype(np.uint16) * weight[:, None]
+    keep = (256 - weight)[:, None]
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, OVERLAY_ROWS):
+        levels = map_u8[top : top + OVERLAY_ROWS]
+        blended = photo[top : top + OVERLAY_ROWS] * keep[levels] + colour[levels] + 128
+        out[top : top + OVERLAY_ROWS] = blended >> 8
+    return out

@@ -28,6 +28,10 @@ from handler.errors import RequestError
 OPTION_NAMES = ("topk", "explanations", "format", "map_size", "stages", "class_conditional")
 BODY_KEYS = ("body", "data")
 MIN_MAP_SIZE = 8
+# No option takes a number of more digits: a longer one is refused before Python's int()
+# (which refuses over 4300 digits with a ValueError) ever sees it.
+MAX_DIGITS = 9
+SHOWN_CHARS = 40  # how much of a refused value an error message quotes
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,7 @@ def parse_request(
     fields = _fields(data, content_type)
     unknown = sorted(set(fields) - {"image", *OPTION_NAMES})
     if unknown:
-        raise RequestError(f"unknown field(s) {unknown}; allowed: {['image', *OPTION_NAMES]}")
+        raise RequestError(f"unknown field(s) {_shown(unknown)}; allowed: {['image', *OPTION_NAMES]}")
     if fields.get("image") is None:
         raise RequestError("the request has no image: send the image as the body, as a JSON field 'image' (base64) or as a multipart field 'image'")
     image = _image_bytes(fields["image"])
@@ -112,7 +116,7 @@ def _tensor_fields(tensor: Mapping[str, Any]) -> dict[str, Any]:
     """The image (the tensor's data) and the options (its parameters) of one input tensor."""
     if tensor["datatype"] != "BYTES":
         raise RequestError(
-            f"input {tensor['name']!r} has datatype {tensor['datatype']!r}; "
+            f"input {_shown(tensor['name'])} has datatype {_shown(tensor['datatype'])}; "
             "send the image as a BYTES tensor whose one element is the image's base64"
         )
     parameters = tensor.get("parameters") or {}
@@ -132,12 +136,12 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
     if len(data) > 1:
         raise RequestError(f"send either a body or form fields, not both (got {sorted(data)})")
     body = data[body_keys[0]]
+    is_json = content_type is not None and content_type.split(";")[0].strip().lower() == "application/json"
+    if is_json and isinstance(body, (bytes, bytearray)):
+        body = _json_body(bytes(body))  # TorchServe forwards the bytes of a body its own parser refused
     if isinstance(body, Mapping):
         return dict(body)
-    is_json = content_type is not None and content_type.split(";")[0].strip().lower() == "application/json"
     if is_json:
-        if isinstance(body, (bytes, bytearray)):
-            raise RequestError("the body is declared application/json but is not valid JSON")
         raise RequestError("a JSON body must be an object such as {\"image\": \"<base64>\", \"topk\": 5}")
     if isinstance(body, str):  # TorchServe decodes text/* bodies: only base64 text can be an image
         try:
@@ -148,6 +152,28 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
                 "image/png or application/octet-stream, or JSON {\"image\": \"<base64>\"}"
             ) from None
     return {"image": body}
+
+
+def _json_body(body: bytes) -> Any:
+    """A JSON body's value, parsed with integers bounded to ``MAX_DIGITS`` digits."""
+    try:
+        return json.loads(body, parse_int=_json_int)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError("the body is declared application/json but is not valid JSON") from None
+
+
+def _json_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise RequestError(f"the JSON body holds a number of {len(text)} digits; options take integers of at most {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to ``SHOWN_CHARS`` characters: error messages never echo a whole value."""
+    if isinstance(value, int) and value.bit_length() > 128:  # repr() itself fails past 4300 digits
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def _text_field(value: Any) -> Any:
@@ -180,14 +206,16 @@ def _int(value: Any, name: str) -> int:
         return value
     digits = value.strip().lstrip("+") if isinstance(value, str) else ""
     if digits.isascii() and digits.isdigit():  # str.isdigit alone accepts "²", which int() refuses
+        if len(digits) > MAX_DIGITS:
+            raise RequestError(f"'{name}' has {len(digits)} digits; it takes an integer of at most {MAX_DIGITS}")
         return int(digits)
-    raise RequestError(f"'{name}' must be an integer, got {value!r}")
+    raise RequestError(f"'{name}' must be an integer, got {_shown(value)}")
 
 
 def _topk(value: Any, num_classes: int) -> int:
     topk = _int(value, "topk")
     if not 1 <= topk <= num_classes:
-        raise RequestError(f"'topk' must lie between 1 and {num_classes} (the model's classes), got {topk}")
+        raise RequestError(f"'topk' must lie between 1 and {num_classes} (the model's classes), got {_shown(topk)}")
     return topk
 
 
@@ -199,14 +227,14 @@ def parse_explanations(value: Any) -> tuple[str, ...]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError:
-                raise RequestError(f"'explanations' is not a valid JSON list: {text!r}") from None
+                raise RequestError(f"'explanations' is not a valid JSON list: {_shown(text)}") from None
         else:
             value = [] if text.lower() in ("", "none") else [part.strip() for part in text.split(",")]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise RequestError(f"'explanations' must be a list drawn from {list(EXPLANATIONS)}, got {value!r}")
+        raise RequestError(f"'explanations' must be a list drawn from {list(EXPLANATIONS)}, got {_shown(value)}")
     unknown = sorted(set(value) - set(EXPLANATIONS))
     if unknown:
-        raise RequestError(f"unknown explanation(s) {unknown}; choose from {list(EXPLANATIONS)} or [] for none")
+        raise RequestError(f"unknown explanation(s) {_shown(unknown)}; choose from {list(EXPLANATIONS)} or [] for none")
     return tuple(name for name in EXPLANATIONS if name in value)
 
 
@@ -216,12 +244,12 @@ def parse_flag(value: Any, name: str) -> bool:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise RequestError(f"'{name}' must be true or false, got {value!r}")
+    raise RequestError(f"'{name}' must be true or false, got {_shown(value)}")
 
 
 def _format(value: Any) -> str:
     if value not in FORMATS:
-        raise RequestError(f"'format' must be one of {list(FORMATS)}, got {value!r}")
+        raise RequestError(f"'format' must be one of {list(FORMATS)}, got {_shown(value)}")
     return value
 
 
@@ -230,5 +258,5 @@ def _map_size(value: Any, limits: Limits) -> int | None:
         return None
     size = _int(value, "map_size")
     if not MIN_MAP_SIZE <= size <= limits.max_map_size:
-        raise RequestError(f"'map_size' must be \"original\" or lie between {MIN_MAP_SIZE} and {limits.max_map_size}, got {size}")
+        raise RequestError(f"'map_size' must be \"original\" or lie between {MIN_MAP_SIZE} and {limits.max_map_size}, got {_shown(size)}")
     return size

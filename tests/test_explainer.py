@@ -136,7 +136,8 @@ def test_too_large_float_array_is_refused_with_a_hint(lite0_explainer, photos):
     buffer = io.BytesIO()
     big.save(buffer, "JPEG")
     result = lite0_explainer.run([ParsedRequest(buffer.getvalue(), RequestOptions(5, ("dve",), "array", None))])[0]
-    assert result.status == 400 and "smaller map_size" in result.body["message"]
+    # 1254 x 836 = 1,048,344 values is the largest map within the 1,048,576 allowed
+    assert result.status == 413 and "map_size of at most 1254" in result.body["message"]
 
 
 def test_dve_peaks_on_the_object(lite0_explainer, photos):
@@ -240,11 +241,12 @@ def test_stages_alone_as_overlays_and_errors_stay_per_request(lite0_explainer, p
         ParsedRequest(photos["coffee"], too_many_floats),
         ParsedRequest(photos["chelsea"], DEFAULT),
     ])
-    assert [r.status for r in results] == [200, 400, 400, 200]
+    assert [r.status for r in results] == [200, 400, 413, 200]
     assert results[0].body["explanations"] == {}
     overlays = [png(stage["dve"]) for stage in results[0].body["stages"]]
     assert len(overlays) == 5 and all(o.mode == "RGB" and o.size == (96, 64) for o in overlays)
-    assert "1440000 values" in results[2].body["message"] and "smaller map_size" in results[2].body["message"]
+    message = results[2].body["message"]
+    assert "1440000 values" in message and "map_size of at most" in message and "stages false" in message
     assert "stages" not in results[3].body
 
 

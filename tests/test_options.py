@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 
@@ -145,3 +146,29 @@ def test_a_bad_class_conditional_value_is_a_clear_400():
     with pytest.raises(RequestError, match=r"'class_conditional' must be true or false, got 'maybe'") as caught:
         parse({"body": {"image": B64, "class_conditional": "maybe"}}, "application/json")
     assert caught.value.status == 400
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["9" * 5000, "9" * 10, 10**4000, 10**5000, 10**10],
+    ids=["5000-digit text", "10-digit text", "4001-digit number", "5001-digit number", "11-digit number"],
+)
+def test_absurd_numbers_are_a_short_400(value):
+    for name in ("topk", "map_size"):
+        with pytest.raises(RequestError) as caught:
+            parse({"body": {"image": B64, name: value}}, content_type="application/json")
+        assert caught.value.status == 400
+        assert len(str(caught.value)) < 200  # the message never echoes the whole number
+
+
+def test_a_json_body_with_a_huge_number_is_a_400_naming_it():
+    """TorchServe's own JSON parser refuses numbers over 4300 digits and forwards the bytes."""
+    body = ('{"image": "%s", "topk": %s}' % (B64, "9" * 5000)).encode()
+    with pytest.raises(RequestError, match="5000 digits") as caught:
+        parse({"body": body}, content_type="application/json")
+    assert caught.value.status == 400
+
+
+def test_a_json_body_as_bytes_is_parsed():
+    body = json.dumps({"image": B64, "topk": 3}).encode()
+    assert parse({"body": body}, content_type="application/json").options.topk == 3
