@@ -94,13 +94,13 @@ def check(
     if options.map_size is None and max(geometry.width, geometry.height) > limits.max_map_size:
         raise RequestError(
             f"map_size 'original' means maps of {geometry.width} x {geometry.height} for this image; the long side "
-            f"may be at most {limits.max_map_size}: ask for a map_size of at most {_largest_fit(options, geometry, limits, stages, label_chars)}",
+            f"may be at most {limits.max_map_size}: ask for a map_size of at most {largest_map_size(options, geometry, limits, stages, label_chars)}",
             413,
         )
     cost = request_cost(options, geometry, decoded_pixels=decoded_pixels, stages=stages, label_chars=label_chars)
     problem = _over(cost, options, limits)
     if problem:
-        fit = _largest_fit(options, geometry, limits, stages, label_chars)
+        fit = largest_map_size(options, geometry, limits, stages, label_chars)
         way_out = f"ask for a map_size of at most {fit}" if fit else "ask for fewer maps"
         if options.stages or len(options.explanations) > 1:
             way_out += " (or fewer maps: one explanation, stages false)"
@@ -123,7 +123,7 @@ def _over(cost: RequestCost, options: RequestOptions, limits: Limits) -> str | N
     return None
 
 
-def _largest_fit(options: RequestOptions, geometry: CropGeometry, limits: Limits, stages: int, label_chars: int) -> int | None:
+def largest_map_size(options: RequestOptions, geometry: CropGeometry, limits: Limits, stages: int, label_chars: int) -> int | None:
     """The largest map_size (long side) within every limit for these options, or None if none is."""
 
     def fits(size: int) -> bool:

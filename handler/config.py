@@ -58,8 +58,8 @@ class Limits:
     max_image_pixels: int = 50_000_000
     max_map_size: int = 4096
     max_array_values: int = 1024 * 1024
-    max_rendered_pixels: int = 24_000_000
-    max_response_bytes: int = 24 * 1024 * 1024
+    max_rendered_pixels: int = 12_000_000
+    max_response_bytes: int = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handler.errors import RequestError, internal_error
+from handler.errors import RequestError, failure, internal_error
 from handler.explainer import Explainer, Result, Timings
 from handler.options import ParsedRequest, is_inference_tensor, parse_request
 
@@ -94,10 +94,11 @@ class DVEHandler:
         """Compact JSON per request, with that request's own HTTP status."""
         responses = []
         for idx, result in enumerate(results):
+            data = _to_bytes(results, idx)
             context.set_response_content_type(idx, "application/json")
-            if result.status != 200:
-                context.set_response_status(result.status, _reason_phrase(result.status), idx)
-            responses.append(result.to_bytes())
+            if results[idx].status != 200:
+                context.set_response_status(results[idx].status, _reason_phrase(results[idx].status), idx)
+            responses.append(data)
         return responses
 
     def postprocess_tensors(self, results: list[Result], context) -> list[str]:
@@ -106,11 +107,12 @@ class DVEHandler:
         The envelope turns each text into a BYTES output tensor (bytes would fail its
         type mapping). The one HTTP response takes the first failing tensor's status.
         """
+        texts = [_to_bytes(results, idx).decode("utf-8") for idx in range(len(results))]
         context.set_response_content_type(0, "application/json")
         failed = next((result for result in results if result.status != 200), None)
         if failed is not None:
             context.set_response_status(failed.status, _reason_phrase(failed.status), 0)
-        return [result.to_bytes().decode("utf-8") for result in results]
+        return texts
 
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes] | list[str]:
         """TorchServe's entry point: one JSON response per request (or input tensor), in order."""
@@ -153,6 +155,15 @@ def emit_metrics(metrics, results: list[Result], timings: Timings, handler_ms: f
     metrics.add_metric("DVEBatchSize", len(results), "count", None, [], MetricTypes.HISTOGRAM)
     metrics.add_counter("DVEBadRequests", sum(400 <= result.status < 500 for result in results), None, [])
     metrics.add_counter("DVEInternalErrors", sum(result.status >= 500 for result in results), None, [])
+
+
+def _to_bytes(results: list[Result], idx: int) -> bytes:
+    """Request ``idx``'s JSON; if even that fails (out of memory), its error replaces it in ``results``."""
+    try:
+        return results[idx].to_bytes()
+    except Exception as error:
+        results[idx] = Result.error(failure(error, "encoding an answer as JSON"))
+        return results[idx].to_bytes()
 
 
 def _reason_phrase(status: int) -> str:

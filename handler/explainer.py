@@ -357,7 +357,8 @@ class Explainer:
         width, height = item.geometry.map_size(item.options.map_size)
         drawn = imaging.render_maps(maps, item.geometry, (width, height))
         fmt = item.options.format
-        host = drawn.cpu().numpy().round(ARRAY_DECIMALS) if fmt == "array" else imaging.to_uint8(drawn)
+        # float64 before rounding: a rounded float32 prints as 0.30000001192092896, not 0.3
+        host = drawn.double().cpu().numpy().round(ARRAY_DECIMALS) if fmt == "array" else imaging.to_uint8(drawn)
         del drawn
         entries = {}
         for name, data in zip(names, host):

@@ -310,3 +310,38 @@ def test_class_conditional_is_refused_per_request_for_a_model_without_a_linear_h
     refused, answered = vgg.run([asked, ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))])
     assert refused.status == 400 and "class_conditional needs a linear classifier" in refused.body["message"]
     assert answered.status == 200
+
+
+def test_running_out_of_memory_is_a_503_for_that_request_only(lite0_explainer, photos, monkeypatch, caplog):
+    """Out of memory while decoding or while drawing one answer: that request gets 503, never a 400."""
+    from handler import imaging
+
+    decode, encode_png = imaging.decode, imaging.encode_png
+
+    def decode_short_of_memory(opened, scale=1.0):
+        if opened.width == 640:  # the rocket photo (640 x 427)
+            raise MemoryError()
+        return decode(opened, scale)
+
+    def encode_short_of_memory(array):
+        if array.shape == (224, 224):  # astronaut (512 x 512) at 224 px: its maps only
+            raise MemoryError()
+        return encode_png(array)
+
+    monkeypatch.setattr(imaging, "decode", decode_short_of_memory)
+    monkeypatch.setattr(imaging, "encode_png", encode_short_of_memory)
+    results = lite0_explainer.run([ParsedRequest(photos[name], DEFAULT) for name in ("chelsea", "rocket", "coffee", "astronaut")])
+    assert [r.status for r in results] == [200, 503, 200, 503]
+    assert results[1].body["type"] == "ServiceUnavailable" and "out of memory" in results[1].body["message"]
+    assert "out of memory while decoding an image" in caplog.text and "out of memory while drawing" in caplog.text
+
+
+def test_cuda_out_of_memory_in_the_forward_pass_is_a_503(lite0_explainer, photos, monkeypatch):
+    import torch
+
+    def no_memory(pixels):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lite0_explainer, "forward", no_memory)
+    results = lite0_explainer.run([ParsedRequest(photos["chelsea"], DEFAULT), ParsedRequest(b"", DEFAULT)])
+    assert [r.status for r in results] == [503, 400]

@@ -235,3 +235,78 @@ def test_a_bug_while_parsing_fails_its_own_request_only(service, photos, monkeyp
     batch_status, results = predict(service, batch)
     assert batch_status == 200
     assert [(status, body.get("code")) for status, _, body in results] == [(500, 500), (200, None)]
+
+
+# Property: on images as large as the limits allow, with options at their limits, every
+# answer is 200 or 4xx and stays within the budget (``handler.budget``). The limits are
+# scaled down so that a run takes seconds; the budget's arithmetic is the same at any scale.
+SMALL_LIMITS = {
+    "max_image_pixels": 3_000_000,
+    "max_rendered_pixels": 1_500_000,
+    "max_response_bytes": 2_000_000,
+    "max_array_values": 200_000,
+    "max_map_size": 2048,
+}
+
+
+def _large_images() -> dict[str, bytes]:
+    from PIL import Image
+
+    noise = np.random.default_rng(2).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    return {
+        "noise jpeg 2000 x 1500": encode(noise, quality=95),
+        "transparent png 2000 x 1500": encode(Image.new("RGBA", (2000, 1500)), "PNG"),
+        "16-bit png 1500 x 2000": encode(Image.fromarray(np.full((2000, 1500), 30000, dtype=np.uint16)), "PNG"),
+        "strip jpeg 60000 x 50": encode(noise[:50, :1000].repeat(60, axis=1), quality=90),
+        "one pixel": encode(Image.new("RGB", (1, 1), (200, 10, 10)), "PNG"),
+        "over the pixel limit": encode(Image.new("L", (2000, 1501)), "PNG"),
+    }
+
+
+LARGE_IMAGES = _large_images()
+LIMIT_OPTIONS = st.fixed_dictionaries(
+    {
+        "format": st.sampled_from(["png", "overlay", "array"]),
+        "stages": st.booleans(),
+        "map_size": st.sampled_from([8, 2048, 2049, "original"]) | st.integers(8, 2048),
+    },
+    optional={
+        "topk": st.sampled_from([1, 1000]),
+        "explanations": st.sampled_from([[], ["dve"], ["dve", "targeted_dve"]]),
+        "class_conditional": st.booleans(),
+    },
+)
+
+
+@pytest.fixture
+def small_limits(service):
+    from dataclasses import replace
+
+    explainer = service.handler.explainer
+    config = explainer.config
+    explainer.config = replace(config, limits=replace(config.limits, **SMALL_LIMITS))
+    yield explainer.config.limits
+    explainer.config = config
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(batch=st.lists(st.tuples(st.sampled_from(sorted(LARGE_IMAGES)), LIMIT_OPTIONS), min_size=1, max_size=3))
+def test_requests_at_the_limits_stay_within_the_budget(service, small_limits, batch):
+    wire = [
+        encode_request(str(i), [("body", "application/json", json.dumps({"image": base64.b64encode(LARGE_IMAGES[name]).decode(), **options}).encode())])
+        for i, (name, options) in enumerate(batch)
+    ]
+    message = service.predict([_retrieve_request(_Socket(request)) for request in wire])
+    batch_status, results = decode_response(message)
+    assert batch_status == 200 and len(results) == len(batch)
+    for (name, options), (status, _, body) in zip(batch, results):
+        event(f"status {status}")
+        assert status in (200, 400, 413), body
+        if status != 200:
+            continue
+        size = len(json.dumps(body, separators=(",", ":")))
+        assert size <= small_limits.max_response_bytes
+        maps = list(body["explanations"].values()) + [stage["dve"] for stage in body.get("stages", [])]
+        assert all(max(m["width"], m["height"]) <= small_limits.max_map_size for m in maps)
+        per_pixel = {"png": 1, "overlay": 3, "array": 1}[options["format"]]
+        assert sum(m["width"] * m["height"] * per_pixel for m in maps) <= small_limits.max_rendered_pixels
