@@ -5,6 +5,7 @@
 #   make bench   what explaining costs next to the prediction, measured side by side
 #   make loadtest  Locust load test and served comparison with the stock handler
 #   make faults / make soak   faults under load; a long run at the documented load
+#   make worstcase  the most expensive requests the limits allow, alone and as a full batch
 #   make evaluate  how faithful the explanations are (deletion/insertion, pointing game)
 #   make figures   the paper's Fig. 4/5 (grid) and Fig. 6 (blur sweep) as PNGs in build/figures/
 #   make stages  Fig. 7: DVE at every stage of the model, build/figures/stages.png
@@ -14,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench evaluate figures stages loadtest scaling faults soak install install-dev archives samples clean
+.PHONY: serve stop test bench evaluate figures stages loadtest scaling faults soak worstcase install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +70,11 @@ faults: $(VENV)/.dev
 SOAK_MINUTES ?= 10
 soak: $(VENV)/.dev
 	$(PY) loadtest/faults.py soak --minutes $(SOAK_MINUTES)
+
+# The most expensive request each option allows on the largest image the limits allow, alone
+# and as a full batch, against a real TorchServe; fails if one is over its time or memory budget.
+worstcase: $(VENV)/.dev
+	$(PY) loadtest/worstcase.py
 
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
 bench: $(VENV)/.dev

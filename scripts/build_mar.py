@@ -40,7 +40,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handler.config import ServingConfig  # noqa: E402
+from handler.config import Limits, ServingConfig  # noqa: E402
 from handler.dve import DVEParams  # noqa: E402
 from handler.explainer import LABELS_FILE, Explainer  # noqa: E402
 from handler.errors import RequestError  # noqa: E402
@@ -89,6 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="DVE parameters other than the defaults, e.g. --dve sigma_low=2 sigma_high=1 box_threshold=0.5 "
         "(the first choice before docs/explanation-quality.md); keys: " + ", ".join(f.name for f in fields(DVEParams)),
     )
+    parser.add_argument(
+        "--limits",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="per-request limits other than the defaults (docs/reliability.md, 'Bounded work per request'), "
+        "e.g. --limits max_rendered_pixels=30000000 max_response_bytes=41943040; keys: " + ", ".join(f.name for f in fields(Limits)),
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
@@ -111,7 +119,23 @@ def serving_config(args: argparse.Namespace, labels: list[str]) -> ServingConfig
         explanations = parse_explanations(args.explanations)
     except RequestError as exc:
         raise BuildError(f"--explanations: {exc}") from None
-    return replace(config, defaults=replace(config.defaults, explanations=explanations), dve=dve_params(args.dve), **overrides)
+    return replace(
+        config, defaults=replace(config.defaults, explanations=explanations), dve=dve_params(args.dve), limits=limits(args.limits), **overrides
+    )
+
+
+def limits(pairs: list[str]) -> Limits:
+    """``KEY=VALUE`` pairs (whole numbers) over the default per-request limits."""
+    values: dict[str, int] = {}
+    known = {f.name for f in fields(Limits)}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise BuildError(f"--limits takes KEY=VALUE pairs with KEY one of {sorted(known)}, got {pair!r}")
+        if not value.isascii() or not value.isdigit() or int(value) < 1:
+            raise BuildError(f"--limits {key}: {value!r} is not a positive whole number")
+        values[key] = int(value)
+    return Limits(**values)
 
 
 def dve_params(pairs: list[str]) -> DVEParams:

@@ -109,3 +109,13 @@ def test_an_overlay_decodes_the_photo_large_enough_for_its_maps(lite0_explainer)
     drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["explanations"]["dve"]["data"]))), dtype=np.float32)
     row = drawn[10, :, 1]  # a corner row, outside the crop: the photo untouched
     assert row.std() > 40  # the stripes survive: the photo was not decoded at 1/8 and scaled up
+
+
+def test_an_archive_sets_its_own_limits():
+    from scripts.build_mar import BuildError, limits
+
+    assert limits([]) == Limits()
+    assert limits(["max_rendered_pixels=30000000", "max_map_size=8192"]) == Limits(max_rendered_pixels=30_000_000, max_map_size=8192)
+    for pairs in (["max_rendered_pixels=lots"], ["max_pixels=5"], ["max_map_size=0"], ["max_map_size"]):
+        with pytest.raises(BuildError):
+            limits(pairs)
