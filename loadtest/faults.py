@@ -3,7 +3,7 @@
 
     python loadtest/faults.py kill-worker   # SIGKILL the worker during a Locust run
     python loadtest/faults.py restart       # torchserve --stop, then --start, under load
-    python loadtest/faults.py timeout       # a request slower than the model's responseTimeout
+    python loadtest/faults.py timeout       # a request slower than the model's responseTimeout (limits lifted)
     python loadtest/faults.py soak --minutes 10   # the documented load; worker memory over time
     python loadtest/faults.py all
 
@@ -36,13 +36,16 @@ from scripts import build_mar  # noqa: E402
 from scripts import server as ts_server  # noqa: E402
 
 PORT_BASE = 28180
-SLOW = "efficientnet_lite0_slow"  # responseTimeout of 2 s, for the timeout fault
+SLOW = "efficientnet_lite0_slow"  # responseTimeout of 2 s and no budget to speak of, for the timeout fault
+# The default limits keep every request far under a second of work; the slow archive lifts
+# them on purpose, so that one request can outlast its responseTimeout.
+UNBOUNDED = ["max_rendered_pixels=1000000000", "max_response_bytes=1000000000"]
 STORE = ROOT / "build" / "faults" / "model_store"
 RUN_DIR = ROOT / "build" / "faults" / "server"
 
 
 def build() -> None:
-    for argv in (["efficientnet_lite0"], ["efficientnet_lite0", "--name", SLOW, "--response-timeout", "2"]):
+    for argv in (["efficientnet_lite0"], ["efficientnet_lite0", "--name", SLOW, "--response-timeout", "2", "--limits", *UNBOUNDED]):
         if build_mar.main([*argv, "--export-path", str(STORE), "--max-batch-delay", "5"]) != 0:
             raise SystemExit("error: could not build the archives")
 
@@ -140,9 +143,9 @@ def timeout(report: Path) -> bool:
         (before,) = workers(server, SLOW)
         url = f"{server.inference_url}/predictions/{SLOW}"
         started = time.time()
-        slow = requests.post(url, files={"image": (big.name, big.data, "image/jpeg")}, data={"format": "overlay", "map_size": "original"}, headers=token, timeout=120)
+        slow = requests.post(url, files={"image": (big.name, big.data, "image/jpeg")}, data={"format": "overlay", "map_size": "original", "stages": "true"}, headers=token, timeout=120)
         elapsed = time.time() - started
-        print(f"timeout: an original-size overlay of a {big.width} x {big.height} photo, responseTimeout 2 s: HTTP {slow.status_code} after {elapsed:.1f} s: {slow.text[:160]!r}")
+        print(f"timeout: original-size overlays of every stage of a {big.width} x {big.height} photo, limits lifted, responseTimeout 2 s: HTTP {slow.status_code} after {elapsed:.1f} s: {slow.text[:160]!r}")
         ready = wait_for_new_worker(server, SLOW, before["pid"])
         print(f"  the worker ({before['pid']}) was replaced; the new one was READY {ready - started:.1f} s after the request")
         small = load_sizes()[2]

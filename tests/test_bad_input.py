@@ -83,6 +83,22 @@ BAD_INPUT = {
     "ill-typed-explanations": (lambda p: dict(json={"image": b64(p["chelsea"]), "explanations": 5}), 400, r"'explanations' must be a list"),
     "ill-typed-format": (lambda p: dict(json={"image": b64(p["chelsea"]), "format": ["png"]}), 400, r"'format' must be one of"),
     "json-without-image": (lambda p: dict(json={"topk": 3}), 400, r"the request has no image"),
+    "5000-digit-option": (lambda p: dict(json={"image": b64(p["chelsea"]), "topk": "9" * 5000}), 400, r"'topk' has 5000 digits"),
+    "5000-digit-json-number": (
+        lambda p: dict(data=b'{"image": "%s", "map_size": %s}' % (b64(p["chelsea"]).encode(), b"9" * 5000), headers={"Content-Type": "application/json"}),
+        400,
+        r"a number of 5000 digits",
+    ),
+    "original-over-max-map-size": (
+        lambda p: dict(json={"image": b64(big_png(6000, 4000)), "map_size": "original"}),
+        413,
+        r"'original' means maps of 6000 x 4000 .* at most 4096: ask for a map_size of at most \d+",
+    ),
+    "over-budget": (
+        lambda p: dict(json={"image": b64(big_png(4000, 3000)), "map_size": 4000, "format": "overlay", "stages": True}),
+        413,
+        r"the limit per request is 12000000: ask for a map_size of at most \d+",
+    ),
 }
 
 
@@ -123,3 +139,23 @@ def test_unusual_image_modes_work(server, pids, mode):
     assert body["image"] == {"width": 320, "height": 240} and len(body["predictions"]) == 5
     assert {name: (e["width"], e["height"]) for name, e in body["explanations"].items()} == {"dve": (224, 168), "targeted_dve": (224, 168)}
     assert worker_pids(server, MODEL) == pids
+
+
+def worker_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def test_concurrent_worst_requests_are_refused_at_once_and_the_worker_stays_small(server, photos, pids):
+    """Three 48 MP PNGs asking for original-size overlays of every stage, at once: once this
+    took the worker past the response timeout and 11 GB; now each is a 413 from its header."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    payload = {"image": b64(big_png(8000, 6000)), "map_size": "original", "format": "overlay", "stages": True}
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda _: post(server, MODEL, json=payload), range(3)))
+    assert [r.status_code for r in responses] == [413] * 3
+    assert all("ask for a map_size of at most" in r.json()["message"] for r in responses)
+    assert worker_pids(server, MODEL) == pids
+    assert all(worker_rss_mb(pid) < 2048 for pid in pids)
+    assert post_image(server, MODEL, photos["chelsea"]).status_code == 200
