@@ -14,8 +14,11 @@ Under TorchServe's ``kservev2`` service envelope (KServe v2 / Open Inference Pro
 the handler sees the input tensors of one HTTP request instead of a batch of requests;
 each tensor is answered like a request, with the same JSON, as one BYTES output.
 
-Per batch it reports the time spent decoding, in the forward pass, in DVE and in
-encoding, the batch size, and the requests that failed (``metrics.yaml``).
+It follows TorchServe's steps: ``preprocess`` parses, decodes and crops the batch into
+one input tensor on the model's device; ``inference`` runs the forward pass, DVE,
+targeted DVE, boxes and stages; ``postprocess`` draws every map on the device and
+encodes them in parallel; ``respond`` writes each request's JSON and status. Per batch it
+reports each step's time, the batch size, and the requests that failed (``metrics.yaml``).
 
 The work itself is in ``handler.explainer`` (no TorchServe import), so tests and
 offline tools run exactly this code path.
@@ -33,7 +36,7 @@ import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
 from handler.errors import RequestError, failure, internal_error
-from handler.explainer import Explainer, Result, Timings
+from handler.explainer import Batch, Explainer, Inference, Result, Timings
 from handler.options import ParsedRequest, is_inference_tensor, parse_request
 
 logger = logging.getLogger(__name__)
@@ -65,8 +68,9 @@ class DVEHandler:
         logger.info("stages (request option 'stages'): %s", ", ".join(f"{stage} {stage.shape}" for stage in self.explainer.stages))
         self.initialized = True
 
-    def preprocess(self, data: list[dict[str, Any]], context) -> list[ParsedRequest | RequestError]:
-        """Parses each request's image and options; a bad one becomes its own error."""
+    def preprocess(self, data: list[dict[str, Any]], context) -> Batch:
+        """Parses each request's image and options, then decodes and crops every image into
+        one input tensor on the model's device; a bad request becomes its own error."""
         config = self.explainer.config
         parsed: list[ParsedRequest | RequestError] = []
         for idx, request in enumerate(data):
@@ -84,16 +88,20 @@ class DVEHandler:
                 parsed.append(error)
             except Exception:  # a bug must fail its own request only
                 parsed.append(internal_error("parsing a request"))
-        return parsed
+        return self.explainer.preprocess(parsed)
 
-    def inference(self, requests: list[ParsedRequest | RequestError]) -> list[Result]:
-        """Decodes, runs one forward pass with the hook and one batched DVE, encodes."""
-        return self.explainer.run(requests)
+    def inference(self, batch: Batch) -> Inference | RequestError:
+        """One forward pass with the hook, then DVE, targeted DVE, boxes and stages for the batch."""
+        return self.explainer.infer(batch)
 
-    def postprocess(self, results: list[Result], context) -> list[bytes]:
+    def postprocess(self, batch: Batch, inference: Inference | RequestError) -> list[Result]:
+        """Each request's answer, its maps drawn on the device and encoded in parallel."""
+        return self.explainer.postprocess(batch, inference)
+
+    def respond(self, results: list[Result], context) -> list[bytes]:
         """Compact JSON per request, with that request's own HTTP status."""
         responses = []
-        for idx, result in enumerate(results):
+        for idx in range(len(results)):
             data = _to_bytes(results, idx)
             context.set_response_content_type(idx, "application/json")
             if results[idx].status != 200:
@@ -101,7 +109,7 @@ class DVEHandler:
             responses.append(data)
         return responses
 
-    def postprocess_tensors(self, results: list[Result], context) -> list[str]:
+    def respond_tensors(self, results: list[Result], context) -> list[str]:
         """Compact JSON per input tensor of one KServe v2 request, as text.
 
         The envelope turns each text into a BYTES output tensor (bytes would fail its
@@ -117,15 +125,17 @@ class DVEHandler:
     def handle(self, data: list[dict[str, Any]], context) -> list[bytes] | list[str]:
         """TorchServe's entry point: one JSON response per request (or input tensor), in order."""
         start = time.perf_counter()
-        results = self.inference(self.preprocess(data, context))
+        self.explainer.timings = Timings()
+        batch = self.preprocess(data, context)
+        results = self.postprocess(batch, self.inference(batch))
         if data and all(is_inference_tensor(request) for request in data):
-            responses = self.postprocess_tensors(results, context)
+            responses = self.respond_tensors(results, context)
         else:
-            responses = self.postprocess(results, context)
+            responses = self.respond(results, context)
         timings = self.explainer.timings
         emit_metrics(context.metrics, results, timings, (time.perf_counter() - start) * 1000.0)
         logger.debug(
-            "batch of %d (%d ok): decode %.1f ms, forward %.1f ms, dve %.1f ms, encode %.1f ms",
+            "batch of %d (%d ok): preprocess %.1f ms, forward %.1f ms, dve %.1f ms, postprocess %.1f ms",
             len(data),
             timings.batch_size,
             timings.decode,

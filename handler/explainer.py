@@ -20,19 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
-from handler import budget, dve, imaging
+from handler import budget, dve, imaging, rendering
 from handler.config import ServingConfig
 from handler.errors import RequestError, failure
 from handler.layers import FeatureCapture, Stage, StageCapture, find_classifier, find_stages, resolve_feature_layer
 from handler.models import CUSTOM, build_model, imagenet_labels, load_weights, read_labels
 from handler.options import ParsedRequest, RequestOptions
 
-ARRAY_DECIMALS = 4
 LABELS_FILE = "index_to_name.json"  # TorchServe's name for an archive's labels
 ERROR_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError", 503: "ServiceUnavailable"}
 
@@ -45,14 +44,14 @@ class PreparedImage:
         options: what the request asked for.
         geometry: where the model's crop lies in the original image.
         pixels: the model's input crop, H x W x 3 uint8 on the host.
-        photo: the photo at the maps' size, kept only when overlays are drawn on it.
+        photo: the photo at the maps' size (H x W x 3 uint8), kept only when overlays are drawn on it.
         cost: what its decoding, maps and answer cost (``handler.budget``).
     """
 
     options: RequestOptions
     geometry: imaging.CropGeometry
     pixels: torch.Tensor
-    photo: Image.Image | None
+    photo: torch.Tensor | None
     cost: budget.RequestCost
 
 
@@ -74,8 +73,50 @@ class Result:
 
 
 @dataclass
+class Batch:
+    """A batch after ``Explainer.preprocess``.
+
+    Attributes:
+        items: per request, in order: its prepared image or its error.
+        pixels: the prepared requests' crops, in order, B x H x W x 3 uint8 on the model's device.
+    """
+
+    items: list[PreparedImage | RequestError]
+    pixels: torch.Tensor | None
+
+    @property
+    def prepared(self) -> list[PreparedImage]:
+        return [item for item in self.items if isinstance(item, PreparedImage)]
+
+
+@dataclass
+class Inference:
+    """What ``Explainer.infer`` found for the prepared requests of a batch (rows in their order).
+
+    Attributes:
+        top_p, top_i: the most probable classes' probabilities and indices (host).
+        explanation: DVE, targeted DVE and boxes of every row (device), or None if no
+            request asked for maps.
+        boxes, box_valid: the salient boxes in model-input pixels, on the host.
+        stage_maps: for rows that asked for stages: each stage's normalised DVE (device).
+    """
+
+    top_p: torch.Tensor
+    top_i: torch.Tensor
+    explanation: dve.Explanation | None
+    boxes: list[list[int]]
+    box_valid: list[bool]
+    stage_maps: dict[int, list[torch.Tensor]]
+
+    @classmethod
+    def empty(cls) -> "Inference":
+        return cls(torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long), None, [], [], {})
+
+
+@dataclass
 class Timings:
-    """Milliseconds spent by the last batch in each stage."""
+    """Milliseconds spent by the last batch in each step: ``decode`` is ``preprocess``,
+    ``forward`` and ``dve`` are ``infer``, ``encode`` (drawing and encoding) is ``postprocess``."""
 
     decode: float = 0.0
     forward: float = 0.0
@@ -182,7 +223,7 @@ class Explainer:
         )
         decoded = imaging.decode(opened, scale)
         pixels = imaging.model_input(decoded, geometry)
-        photo = decoded.image.resize(map_size, imaging.OVERLAY_RESAMPLING) if cover else None
+        photo = torch.from_numpy(np.array(decoded.image.resize(map_size, imaging.OVERLAY_RESAMPLING))) if cover else None
         return PreparedImage(options, geometry, pixels, photo, cost)
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -212,35 +253,47 @@ class Explainer:
         return logits, stage_features[-1], stage_features
 
     def run(self, requests: list[ParsedRequest | RequestError]) -> list[Result]:
-        """Answers a batch: errors stay errors, the rest share one forward pass."""
-        timings = Timings()
+        """Answers a batch: ``preprocess``, ``infer``, ``postprocess``, each step timed."""
+        self.timings = Timings()
+        batch = self.preprocess(requests)
+        return self.postprocess(batch, self.infer(batch))
+
+    def preprocess(self, requests: list[ParsedRequest | RequestError]) -> Batch:
+        """Decodes and crops every request into one input tensor on the model's device.
+
+        A request that fails (its image, its budget, a bug, a lack of memory) keeps its
+        error; the others are batched.
+        """
         start = time.perf_counter()
-        prepared: list[PreparedImage | RequestError] = []
+        items: list[PreparedImage | RequestError] = []
         for request in requests:
             try:
-                prepared.append(request if isinstance(request, RequestError) else self.prepare(request))
+                items.append(request if isinstance(request, RequestError) else self.prepare(request))
             except RequestError as error:
-                prepared.append(error)
+                items.append(error)
             except Exception as error:  # a bug or a lack of memory fails its own request only
-                prepared.append(failure(error, "decoding an image"))
-        ok = [i for i, item in enumerate(prepared) if isinstance(item, PreparedImage)]
-        timings.decode = _ms_since(start)
-        results = [Result.error(item) if isinstance(item, RequestError) else None for item in prepared]
-        if ok:
-            try:
-                answers = self._answer([prepared[i] for i in ok], timings)
-            except Exception as error:  # the batch's shared work failed: its requests, not the worker
-                answers = [Result.error(failure(error, "answering a batch"))] * len(ok)
-            for i, result in zip(ok, answers):
-                results[i] = result
-        timings.batch_size = len(ok)
-        self.timings = timings
-        return results  # type: ignore[return-value]
+                items.append(failure(error, "decoding an image"))
+        prepared = [item for item in items if isinstance(item, PreparedImage)]
+        pixels = torch.stack([item.pixels for item in prepared]).to(self.device, non_blocking=True) if prepared else None
+        self.timings.decode = _ms_since(start)
+        self.timings.batch_size = len(prepared)
+        return Batch(items, pixels)
 
-    def _answer(self, batch: list[PreparedImage], timings: Timings) -> list[Result]:
-        """One forward pass and one batched DVE for prepared requests, then encoding."""
+    def infer(self, batch: Batch) -> Inference | RequestError:
+        """One forward pass, then DVE, targeted DVE, boxes and stage maps for the whole batch.
+
+        Returns the error every prepared request gets if this shared work fails.
+        """
+        prepared = batch.prepared
+        if not prepared:
+            return Inference.empty()
+        try:
+            return self._infer(prepared, batch.pixels)
+        except Exception as error:  # the batch's shared work failed: its requests, not the worker
+            return failure(error, "answering a batch")
+
+    def _infer(self, batch: list[PreparedImage], pixels: torch.Tensor) -> Inference:
         start = time.perf_counter()
-        pixels = torch.stack([item.pixels for item in batch])
         staged = [b for b, item in enumerate(batch) if item.options.stages]
         stage_features: list[torch.Tensor] = []
         if staged:  # only then: the others' batches run exactly as before
@@ -251,7 +304,7 @@ class Explainer:
         k = max(item.options.topk for item in batch)
         top_p, top_i = (t.cpu() for t in probabilities.topk(k, dim=1))
         _sync(self.device)
-        timings.forward = _ms_since(start)
+        self.timings.forward = _ms_since(start)
 
         start = time.perf_counter()
         explanation, boxes, box_valid = None, [], []
@@ -261,54 +314,83 @@ class Explainer:
             box_valid = explanation.box_valid.cpu().tolist()
         stage_maps = self._stage_maps(stage_features, staged)
         _sync(self.device)
-        timings.dve = _ms_since(start)
+        self.timings.dve = _ms_since(start)
+        return Inference(top_p, top_i, explanation, boxes, box_valid, stage_maps)
 
+    def postprocess(self, batch: Batch, inference: Inference | RequestError) -> list[Result]:
+        """Every request's answer: its maps drawn together on the device, PNGs encoded in
+        parallel, then its JSON; a failure while drawing or encoding stays with its request."""
         start = time.perf_counter()
+        results: list[Result | None] = [Result.error(item) if isinstance(item, RequestError) else None for item in batch.items]
+        rows = [i for i, item in enumerate(batch.items) if isinstance(item, PreparedImage)]
+        if isinstance(inference, RequestError):
+            for i in rows:
+                results[i] = Result.error(inference)
+        elif rows:
+            for i, result in zip(rows, self._answers(batch.prepared, inference)):
+                results[i] = result
+        self.timings.encode = _ms_since(start)
+        return results  # type: ignore[return-value]
+
+    def _answers(self, batch: list[PreparedImage], inference: Inference) -> list[Result]:
+        drawings: list[rendering.Drawing] = []
+        owners: list[tuple[int, str, int | None]] = []  # (row, explanation name or "stage", stage index)
+        for b, item in enumerate(batch):
+            size = item.geometry.map_size(item.options.map_size)
+            photo = item.photo
+            if inference.explanation is not None:
+                for name in item.options.explanations:
+                    grid = (inference.explanation.dve if name == "dve" else inference.explanation.targeted)[b]
+                    drawings.append(rendering.Drawing(grid, item.geometry, size, item.options.format, photo))
+                    owners.append((b, name, None))
+            for s, grid in enumerate(inference.stage_maps.get(b, [])):
+                drawings.append(rendering.Drawing(_stage_grid(grid, item.geometry, size[0]), item.geometry, size, item.options.format, photo))
+                owners.append((b, "stage", s))
+        pictures = rendering.draw(drawings)
+        to_encode = [i for i, (d, p) in enumerate(zip(drawings, pictures)) if d.format != "array" and not isinstance(p, Exception)]
+        for i, data in zip(to_encode, rendering.encode_pngs([pictures[i] for i in to_encode])):  # type: ignore[misc]
+            pictures[i] = data  # type: ignore[call-overload]
+        entries: list[dict[str, Any]] = [{} for _ in batch]
+        problems: dict[int, Exception] = {}
+        for (b, name, stage), drawing, picture in zip(owners, drawings, pictures):
+            if isinstance(picture, Exception):
+                problems.setdefault(b, picture)
+                continue
+            width, height = drawing.size
+            data = picture.tolist() if drawing.format == "array" else _b64(picture)  # type: ignore[union-attr, arg-type]
+            entries[b][(name, stage)] = {"format": drawing.format, "width": width, "height": height, "data": data}
         results = []
         for b, item in enumerate(batch):
-            try:  # each answer is drawn and encoded on its own: one failure is one request's
-                results.append(Result(200, self._body(b, item, top_p, top_i, explanation, boxes, box_valid, stage_maps)))
+            try:  # each answer on its own: one failure is one request's
+                if b in problems:
+                    raise problems[b]
+                results.append(Result(200, self._body(b, item, inference, entries[b])))
             except RequestError as error:
                 results.append(Result.error(error))
             except Exception as error:
                 results.append(Result.error(failure(error, "drawing and encoding an answer")))
-        timings.encode = _ms_since(start)
         return results
 
-    def _body(
-        self,
-        b: int,
-        item: PreparedImage,
-        top_p: torch.Tensor,
-        top_i: torch.Tensor,
-        explanation: dve.Explanation | None,
-        boxes: list[list[float]],
-        box_valid: list[bool],
-        stage_maps: dict[int, list[torch.Tensor]],
-    ) -> dict[str, Any]:
-        """Batch row ``b``'s answer: its predictions, and its maps drawn and encoded."""
+    def _body(self, b: int, item: PreparedImage, inference: Inference, entries: dict[tuple[str, int | None], dict[str, Any]]) -> dict[str, Any]:
+        """Batch row ``b``'s answer: its predictions and its encoded maps."""
         topk = item.options.topk
         body: dict[str, Any] = {
             "predictions": [
                 {"index": int(index), "label": self.labels[index], "probability": round(float(p), 6)}
-                for p, index in zip(top_p[b, :topk].tolist(), top_i[b, :topk].tolist())
+                for p, index in zip(inference.top_p[b, :topk].tolist(), inference.top_i[b, :topk].tolist())
             ],
             "image": {"width": item.geometry.width, "height": item.geometry.height},
-            "explanations": {},
+            "explanations": {name: entries[(name, None)] for name in item.options.explanations if (name, None) in entries},
             "layer": str(self.layer),
         }
         if item.options.class_conditional:
             body["explained_class"] = body["predictions"][0]
-        if explanation is not None and item.options.explanations:
-            maps = {"dve": explanation.dve[b], "targeted_dve": explanation.targeted[b]}
-            names = item.options.explanations
-            body["explanations"] = self._render(torch.stack([maps[name] for name in names]), names, item)
-            if "targeted_dve" in names:
-                body["explanations"]["targeted_dve"]["box"] = item.geometry.box_to_original(boxes[b]) if box_valid[b] else None
-        if b in stage_maps:
+        if "targeted_dve" in body["explanations"]:
+            valid = inference.box_valid[b]
+            body["explanations"]["targeted_dve"]["box"] = item.geometry.box_to_original(inference.boxes[b]) if valid else None
+        if b in inference.stage_maps:
             body["stages"] = [
-                {"layer": str(stage), "shape": list(stage.shape), "dve": self._render_stage(stage_map, item)}
-                for stage, stage_map in zip(self.stages, stage_maps[b])
+                {"layer": str(stage), "shape": list(stage.shape), "dve": entries[("stage", s)]} for s, stage in enumerate(self.stages)
             ]
         return body
 
@@ -339,35 +421,18 @@ class Explainer:
             per_stage.append(dve.normalize_maps(dve.dve(chosen, self.config.dve, self.input_size)))
         return {b: [maps[i] for maps in per_stage] for i, b in enumerate(staged)}
 
-    def _render_stage(self, stage_map: torch.Tensor, item: PreparedImage) -> dict[str, Any]:
-        """One stage's map (h x w) drawn like the other maps.
 
-        An early stage's map (112 x 112 for VGG-16's pool1) can be finer than the place
-        of the crop in the returned map: it is first averaged down to that size and
-        normalised again, so small maps do not alias and their maximum is still 1.
-        """
-        width, _ = item.geometry.map_size(item.options.map_size)
-        side = max(1, math.ceil(item.geometry.side * width / item.geometry.width))
-        if max(stage_map.shape) > side:
-            stage_map = dve.normalize_maps(F.adaptive_avg_pool2d(stage_map[None, None], side)[0])[0]
-        return self._render(stage_map[None], ("dve",), item)["dve"]
+def _stage_grid(stage_map: torch.Tensor, geometry: imaging.CropGeometry, width: int) -> torch.Tensor:
+    """A stage's map (h x w), ready to draw at ``width`` pixels across the whole image.
 
-    def _render(self, maps: torch.Tensor, names: tuple[str, ...], item: PreparedImage) -> dict[str, dict[str, Any]]:
-        """One request's maps (C x h x w), drawn in one call and copied to the host once."""
-        width, height = item.geometry.map_size(item.options.map_size)
-        drawn = imaging.render_maps(maps, item.geometry, (width, height))
-        fmt = item.options.format
-        # float64 before rounding: a rounded float32 prints as 0.30000001192092896, not 0.3
-        host = drawn.double().cpu().numpy().round(ARRAY_DECIMALS) if fmt == "array" else imaging.to_uint8(drawn)
-        del drawn
-        entries = {}
-        for name, data in zip(names, host):
-            if fmt == "array":
-                encoded: Any = data.tolist()
-            else:
-                encoded = _b64(imaging.encode_png(imaging.overlay(item.photo, data) if fmt == "overlay" else data))
-            entries[name] = {"format": fmt, "width": width, "height": height, "data": encoded}
-        return entries
+    An early stage's map (112 x 112 for VGG-16's pool1) can be finer than the place of the
+    crop in the drawn map: it is first averaged down to that size and normalised again,
+    so small maps do not alias and their maximum is still 1.
+    """
+    side = max(1, math.ceil(geometry.side * width / geometry.width))
+    if max(stage_map.shape) > side:
+        return dve.normalize_maps(F.adaptive_avg_pool2d(stage_map[None, None], side)[0])[0]
+    return stage_map
 
 
 def _b64(data: bytes) -> str:

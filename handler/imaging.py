@@ -1,9 +1,9 @@
-"""Images in, maps out: decoding, the crop the model sees, and maps aligned to the photo.
+"""Images in: reading a header, decoding, and the crop the model sees.
 
 The model sees a centre crop of the image scaled so that its short side is
 ``resize_size``. ``CropGeometry`` records where that crop lies in the *original* image,
 so a map computed on the crop can be drawn over the whole original image, pixel-aligned,
-with zeros where the model saw nothing.
+with zeros where the model saw nothing (``handler.rendering``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from math import ceil, floor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from handler.errors import RequestError
@@ -287,65 +286,6 @@ def model_input(decoded: DecodedImage, geometry: CropGeometry) -> torch.Tensor:
     return torch.from_numpy(np.asarray(crop).copy())
 
 
-def render_maps(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int]) -> torch.Tensor:
-    """Draws maps of the crop (C x h x w, in [0, 1]) over the whole original image.
-
-    Args:
-        maps: normalised maps of the model's input crop, drawn together in one call.
-        geometry: where that crop lies in the original image.
-        size: (width, height) of the output, with the original's aspect ratio.
-
-    Returns:
-        ``C x height x width`` tensor in [0, 1] on the maps' device: bicubic inside the
-        crop (sampled at each output pixel's centre), zero where the model saw nothing.
-
-    Bicubic interpolation is separable, so the drawing is two small matrix products,
-    ``rows @ map @ columns.T``, whose weights are exactly ``grid_sample``'s (bicubic,
-    border padding, ``align_corners=False``): the cost grows with the output's pixels
-    alone, with no sampling grid held in memory.
-    """
-    out_w, out_h = size
-    _, h, w = maps.shape
-    rows = _bicubic_weights(out_h, geometry.height, geometry.top, geometry.side, h, maps.device)
-    columns = _bicubic_weights(out_w, geometry.width, geometry.left, geometry.side, w, maps.device)
-    return (rows @ maps.float() @ columns.T).clamp_(0.0, 1.0)
-
-
-_CUBIC_A = -0.75  # the cubic convolution constant of PyTorch's (and OpenCV's) bicubic
-
-
-def _bicubic_weights(out_n: int, full: int, start: float, side: float, n_in: int, device: torch.device) -> torch.Tensor:
-    """``out_n x n_in`` weights sampling a crop of ``n_in`` cells along one axis.
-
-    Output pixel i is centred at ``(i + 0.5) * full / out_n`` original pixels; the crop
-    spans ``[start, start + side]``. Rows of pixels outside the crop are zero.
-    """
-    centres = (torch.arange(out_n, device=device, dtype=torch.float64) + 0.5) * (full / out_n)
-    grid = 2.0 * (centres - start) / side - 1.0
-    source = ((grid + 1.0) * n_in - 1.0) / 2.0  # grid_sample's unnormalisation, align_corners=False
-    base = source.floor()
-    t = source - base
-    a = _CUBIC_A
-    taps = torch.stack(
-        [
-            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-            ((a + 2) * t - (a + 3)) * t * t + 1,
-            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
-        ],
-        dim=1,
-    )
-    index = (base.long()[:, None] + torch.arange(-1, 3, device=device)).clamp_(0, n_in - 1)  # border padding
-    weights = torch.zeros(out_n, n_in, device=device, dtype=torch.float64).scatter_add_(1, index, taps)
-    weights[grid.abs() > 1.0] = 0.0
-    return weights.float()
-
-
-def to_uint8(map01: torch.Tensor) -> np.ndarray:
-    """[0, 1] maps as a uint8 array on the host: the only device-to-host copy of the maps."""
-    return (map01 * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
-
-
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 gray (h x w) or RGB (h x w x 3) array.
 
@@ -356,50 +296,4 @@ def encode_png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-# Colour map anchors (value, RGB) from dark blue through cyan and yellow to red, as in
-# the paper's figures; interpolated linearly into a 256-entry table.
-_ANCHORS = [
-    (0.00, (0, 0, 131)),
-    (0.125, (0, 60, 170)),
-    (0.375, (5, 255, 255)),
-    (0.625, (255, 255, 0)),
-    (0.875, (250, 0, 0)),
-    (1.00, (128, 0, 0)),
-]
-_LEVELS = np.linspace(0.0, 1.0, 256)
-COLORMAP = np.stack(
-    [np.interp(_LEVELS, [a[0] for a in _ANCHORS], [a[1][c] for a in _ANCHORS]) for c in range(3)], axis=1
-).round().astype(np.uint8)
-
-
-OVERLAY_RESAMPLING = Image.Resampling.BILINEAR
-
-
-OVERLAY_ROWS = 256  # rows blended at a time: bounded temporaries whatever the map's size
-
-
-def overlay(image: Image.Image, map_u8: np.ndarray, opacity: float = 0.6) -> np.ndarray:
-    """Colours the photo by the map: opaque where the map is high, untouched where it is 0.
-
-    Args:
-        image: the RGB photo at any size; it is resized to the map's size unless it has it
-            already (a caller drawing several maps resizes it once).
-        map_u8: the map (h x w, uint8).
-        opacity: the colour's weight where the map is at its maximum.
-
-    Blending is integer arithmetic in 1/256ths on bands of rows (within one grey level
-    of the exact blend), so a large overlay needs no float copies of the photo.
-    """
-    height, width = map_u8.shape
-    if image.size != (width, height):
-        image = image.resize((width, height), OVERLAY_RESAMPLING)
-    photo = np.asarray(image)
-    weight = np.round(np.arange(256) / 255.0 * opacity * 256.0).astype(np.uint16)  # colour's weight per map level
-    colour = COLORMAP.astype(np.uint16) * weight[:, None]
-    keep = (256 - weight)[:, None]
-    out = np.empty((height, width, 3), dtype=np.uint8)
-    for top in range(0, height, OVERLAY_ROWS):
-        levels = map_u8[top : top + OVERLAY_ROWS]
-        blended = photo[top : top + OVERLAY_ROWS] * keep[levels] + colour[levels] + 128
-        out[top : top + OVERLAY_ROWS] = blended >> 8
-    return out
+OVERLAY_RESAMPLING = Image.Resampling.BILINEAR  # the photo scaled to an overlay's size

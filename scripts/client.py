@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageOps
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from handler.imaging import overlay  # noqa: E402  (the server's own colouring)
+from handler.rendering import overlay  # noqa: E402  (the server's own colouring)
 
 DEFAULT_KEY_FILE = ROOT / "build" / "serve" / "key_file.json"
 

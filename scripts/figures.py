@@ -18,7 +18,7 @@ the forward pass is ``Explainer.forward`` with its hook on the explained layer
 (``quality.forward_batch``), the maps and the box are ``handler.dve.explain`` with the
 model's own DVE parameters (``explainer.config.dve``), the box is
 ``Explanation.boxes`` (model-input pixels, drawn on the crop) and the overlays are the
-handler's (``handler.imaging.overlay`` through ``quality.overlay_tile``). Grad-CAM is
+handler's (``handler.rendering.overlay`` through ``quality.overlay_tile``). Grad-CAM is
 ``quality.GradCAMMap`` on the same feature map, for each photo's top-1 class.
 
 Photos: any name of ``scripts/quality.py``'s ``PHOTOS`` (scikit-image and scikit-learn

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handler import dve, imaging
+from handler import dve, imaging, rendering
 from handler.dve import DVEParams
 from handler.explainer import Explainer
 from handler.options import ParsedRequest, RequestOptions
@@ -480,5 +480,4 @@ def build_localisation_set(
 
 def overlay_tile(pixels: torch.Tensor, saliency: torch.Tensor) -> np.ndarray:
     """A map drawn over its image as the handler's ``overlay`` format draws it (H x W x 3)."""
-    photo = Image.fromarray(pixels.cpu().numpy())
-    return imaging.overlay(photo, imaging.to_uint8(saliency.cpu()[None])[0])
+    return rendering.overlay(pixels.cpu().numpy(), rendering.to_uint8(saliency.cpu()).numpy())

@@ -273,9 +273,7 @@ def test_cuda_gives_the_cpu_stages(lite0_explainer, photos):
 
 
 def test_class_conditional_maps_only_for_the_requests_that_ask(lite0_explainer, photos):
-    import torch
-
-    from handler import dve
+    from handler import dve, rendering
 
     options = RequestOptions(5, ("dve", "targeted_dve"), "array", 16)
     conditional = RequestOptions(5, ("dve", "targeted_dve"), "array", 16, class_conditional=True)
@@ -292,9 +290,10 @@ def test_class_conditional_maps_only_for_the_requests_that_ask(lite0_explainer, 
     _, features = lite0_explainer.forward(prepared.pixels[None])
     weights = lite0_explainer.model._fc.weight.detach()[body["predictions"][0]["index"]][None]
     expected = dve.explain(features, lite0_explainer.config.dve, lite0_explainer.input_size, weights)
-    drawn = lite0_explainer._render(torch.stack([expected.dve[0], expected.targeted[0]]), ("dve", "targeted_dve"), prepared)
-    assert body["explanations"]["dve"]["data"] == drawn["dve"]["data"]
-    assert body["explanations"]["targeted_dve"]["data"] == drawn["targeted_dve"]["data"]
+    size = prepared.geometry.map_size(16)
+    drawn = rendering.draw([rendering.Drawing(grid, prepared.geometry, size, "array") for grid in (expected.dve[0], expected.targeted[0])])
+    assert body["explanations"]["dve"]["data"] == drawn[0].tolist()
+    assert body["explanations"]["targeted_dve"]["data"] == drawn[1].tolist()
     assert body["explanations"]["dve"]["data"] != mixed[0].body["explanations"]["dve"]["data"]
 
 
@@ -314,9 +313,9 @@ def test_class_conditional_is_refused_per_request_for_a_model_without_a_linear_h
 
 def test_running_out_of_memory_is_a_503_for_that_request_only(lite0_explainer, photos, monkeypatch, caplog):
     """Out of memory while decoding or while drawing one answer: that request gets 503, never a 400."""
-    from handler import imaging
+    from handler import imaging, rendering
 
-    decode, encode_png = imaging.decode, imaging.encode_png
+    decode, encode_png = imaging.decode, rendering.encode_png
 
     def decode_short_of_memory(opened, scale=1.0):
         if opened.width == 640:  # the rocket photo (640 x 427)
@@ -329,7 +328,7 @@ def test_running_out_of_memory_is_a_503_for_that_request_only(lite0_explainer, p
         return encode_png(array)
 
     monkeypatch.setattr(imaging, "decode", decode_short_of_memory)
-    monkeypatch.setattr(imaging, "encode_png", encode_short_of_memory)
+    monkeypatch.setattr(rendering, "encode_png", encode_short_of_memory)
     results = lite0_explainer.run([ParsedRequest(photos[name], DEFAULT) for name in ("chelsea", "rocket", "coffee", "astronaut")])
     assert [r.status for r in results] == [200, 503, 200, 503]
     assert results[1].body["type"] == "ServiceUnavailable" and "out of memory" in results[1].body["message"]

@@ -1,0 +1,245 @@
+"""Maps to pictures: every map of a batch drawn on the model's device, copied to the host once.
+
+A map is computed on the model's input crop (7 x 7 for the explained layer, larger for
+early stages) and drawn over the whole original image, pixel-aligned, with zeros where
+the model saw nothing (``handler.imaging.CropGeometry``). Bicubic interpolation is
+separable, so drawing a map is two matrix products, ``rows @ map @ columns.T``, whose
+weights are exactly ``grid_sample``'s (bicubic, border padding, ``align_corners=False``).
+
+``draw`` takes every map of a batch at once: maps that share their grid and output size
+are drawn by one batched matrix product whatever their photos' geometry, quantised to
+8 bits and, for overlays, coloured and blended with the photo, all on the device; then
+the whole batch comes to the host in one copy. ``encode_pngs`` compresses the results on
+a thread pool (zlib releases the GIL), one PNG per map.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+from handler.imaging import OVERLAY_RESAMPLING, CropGeometry, encode_png
+
+ARRAY_DECIMALS = 4
+OPACITY = 0.6  # the colour's weight where the map is at its maximum
+BLEND_ROWS = 256  # rows blended at a time: bounded temporaries whatever the overlay's size
+_CUBIC_A = -0.75  # the cubic convolution constant of PyTorch's (and OpenCV's) bicubic
+
+# Colour map anchors (value, RGB) from dark blue through cyan and yellow to red, as in
+# the paper's figures; interpolated linearly into a 256-entry table.
+_ANCHORS = [
+    (0.00, (0, 0, 131)),
+    (0.125, (0, 60, 170)),
+    (0.375, (5, 255, 255)),
+    (0.625, (255, 255, 0)),
+    (0.875, (250, 0, 0)),
+    (1.00, (128, 0, 0)),
+]
+_LEVELS = np.linspace(0.0, 1.0, 256)
+COLORMAP = np.stack(
+    [np.interp(_LEVELS, [a[0] for a in _ANCHORS], [a[1][c] for a in _ANCHORS]) for c in range(3)], axis=1
+).round().astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One map to draw.
+
+    Attributes:
+        grid: the map on the model's crop, h x w in [0, 1], on the model's device.
+        geometry: where the crop lies in the original image.
+        size: (width, height) of the picture, with the original's aspect ratio.
+        format: ``png`` (8-bit gray), ``overlay`` (the photo coloured by the map) or
+            ``array`` (floats, rounded to ``ARRAY_DECIMALS``).
+        photo: for ``overlay``: the photo at ``size``, height x width x 3 uint8, any device.
+    """
+
+    grid: torch.Tensor
+    geometry: CropGeometry
+    size: tuple[int, int]
+    format: str
+    photo: torch.Tensor | None = None
+
+
+def render_maps(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int]) -> torch.Tensor:
+    """Draws maps of the crop (C x h x w, in [0, 1]) over the whole original image.
+
+    Returns:
+        ``C x height x width`` tensor in [0, 1] on the maps' device: bicubic inside the
+        crop (sampled at each output pixel's centre), zero where the model saw nothing.
+    """
+    out_w, out_h = size
+    _, h, w = maps.shape
+    rows = bicubic_weights(out_h, geometry.height, geometry.top, geometry.side, h, maps.device)
+    columns = bicubic_weights(out_w, geometry.width, geometry.left, geometry.side, w, maps.device)
+    return (rows @ maps.float() @ columns.T).clamp_(0.0, 1.0)
+
+
+def bicubic_weights(out_n: int, full: int, start: float, side: float, n_in: int, device: torch.device) -> torch.Tensor:
+    """``out_n x n_in`` weights sampling a crop of ``n_in`` cells along one axis.
+
+    Output pixel i is centred at ``(i + 0.5) * full / out_n`` original pixels; the crop
+    spans ``[start, start + side]``. Rows of pixels outside the crop are zero.
+    """
+    centres = (torch.arange(out_n, device=device, dtype=torch.float64) + 0.5) * (full / out_n)
+    grid = 2.0 * (centres - start) / side - 1.0
+    source = ((grid + 1.0) * n_in - 1.0) / 2.0  # grid_sample's unnormalisation, align_corners=False
+    base = source.floor()
+    t = source - base
+    a = _CUBIC_A
+    taps = torch.stack(
+        [
+            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+            ((a + 2) * t - (a + 3)) * t * t + 1,
+            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
+        ],
+        dim=1,
+    )
+    index = (base.long()[:, None] + torch.arange(-1, 3, device=device)).clamp_(0, n_in - 1)  # border padding
+    weights = torch.zeros(out_n, n_in, device=device, dtype=torch.float64).scatter_add_(1, index, taps)
+    weights[grid.abs() > 1.0] = 0.0
+    return weights.float()
+
+
+def to_uint8(map01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] values as uint8 levels, on their device."""
+    return (map01 * 255.0 + 0.5).to(torch.uint8)
+
+
+@lru_cache(maxsize=8)
+def _blend_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per map level: the photo's weight, and the colour times its weight, in 1/256ths."""
+    weight = torch.from_numpy(np.round(np.arange(256) / 255.0 * OPACITY * 256.0)).to(torch.int32)
+    colour = torch.from_numpy(COLORMAP).to(torch.int32) * weight[:, None]
+    return (256 - weight).to(device), colour.to(device)
+
+
+def blend(levels: torch.Tensor, photos: torch.Tensor) -> torch.Tensor:
+    """Colours photos by maps: opaque where the map is high, untouched where it is 0.
+
+    Args:
+        levels: maps as uint8, ... x H x W.
+        photos: the photos at the maps' size, ... x H x W x 3 uint8, on the same device.
+
+    Integer arithmetic in 1/256ths of the colour's weight (within one grey level of the
+    exact blend), on bands of rows so that a large overlay needs no large temporaries.
+    """
+    keep, colour = _blend_tables(levels.device)
+    out = torch.empty_like(photos)
+    height = levels.shape[-2]
+    for top in range(0, height, BLEND_ROWS):
+        band = levels[..., top : top + BLEND_ROWS, :].long()
+        mixed = photos[..., top : top + BLEND_ROWS, :, :].int() * keep[band].unsqueeze(-1) + colour[band] + 128
+        out[..., top : top + BLEND_ROWS, :, :] = (mixed >> 8).to(torch.uint8)
+    return out
+
+
+def overlay(photo: Image.Image | np.ndarray, map_u8: np.ndarray) -> np.ndarray:
+    """One photo coloured by one map (H x W uint8), on the host, as the server draws it.
+
+    A Pillow photo of another size is first scaled to the map's; an array must have it.
+    """
+    height, width = map_u8.shape
+    if isinstance(photo, Image.Image):
+        if photo.size != (width, height):
+            photo = photo.resize((width, height), OVERLAY_RESAMPLING)
+        photo = np.array(photo.convert("RGB"))
+    return blend(torch.from_numpy(np.ascontiguousarray(map_u8)), torch.from_numpy(np.ascontiguousarray(photo))).numpy()
+
+
+def draw(drawings: list[Drawing]) -> list[np.ndarray | Exception]:
+    """Every map of a batch as a host array (or the exception that stopped it).
+
+    ``png``: height x width uint8; ``overlay``: height x width x 3 uint8; ``array``:
+    height x width float64 rounded to ``ARRAY_DECIMALS``. Maps with the same grid and
+    output size are drawn together; if a group fails (out of memory, say), each of its
+    maps is tried alone, so that a failure stays with the requests it belongs to.
+    """
+    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    for i, drawing in enumerate(drawings):
+        groups.setdefault((*drawing.grid.shape, *drawing.size), []).append(i)
+    drawn: dict[int, torch.Tensor] = {}
+    failed: dict[int, Exception] = {}
+    for members in groups.values():
+        try:
+            drawn.update(zip(members, _draw_group([drawings[i] for i in members])))
+        except Exception:
+            for i in members:
+                try:
+                    drawn[i] = _draw_group([drawings[i]])[0]
+                except Exception as error:  # noqa: PERF203 - one map at a time, on purpose
+                    failed[i] = error
+    return _to_host(drawings, drawn, failed)
+
+
+def _draw_group(drawings: list[Drawing]) -> list[torch.Tensor]:
+    """Maps of one grid and output size, drawn by one batched product: float or uint8 pictures."""
+    first = drawings[0]
+    out_w, out_h = first.size
+    h, w = first.grid.shape
+    device = first.grid.device
+    rows = torch.stack([bicubic_weights(out_h, d.geometry.height, d.geometry.top, d.geometry.side, h, device) for d in drawings])
+    columns = torch.stack([bicubic_weights(out_w, d.geometry.width, d.geometry.left, d.geometry.side, w, device) for d in drawings])
+    grids = torch.stack([d.grid.float() for d in drawings])
+    pictures = (rows @ grids @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
+    out: list[torch.Tensor] = []
+    for drawing, picture in zip(drawings, pictures):
+        if drawing.format == "array":
+            out.append(picture)
+        elif drawing.format == "overlay":
+            out.append(blend(to_uint8(picture), drawing.photo.to(device, non_blocking=True)))
+        else:
+            out.append(to_uint8(picture))
+    return out
+
+
+def _to_host(drawings: list[Drawing], drawn: dict[int, torch.Tensor], failed: dict[int, Exception]) -> list[np.ndarray | Exception]:
+    """One device-to-host copy for every drawn map: their bytes, concatenated, 4-byte aligned."""
+    order = sorted(drawn)
+    pieces, offsets, position = [], [], 0
+    for i in order:
+        data = drawn[i].contiguous().view(-1).view(torch.uint8)
+        pad = -data.numel() % 4  # the float maps that follow stay aligned
+        pieces.append(data)
+        if pad:
+            pieces.append(torch.zeros(pad, dtype=torch.uint8, device=data.device))
+        offsets.append(position)
+        position += data.numel() + pad
+    host = torch.cat(pieces).cpu().numpy() if pieces else np.empty(0, dtype=np.uint8)
+    results: list[np.ndarray | Exception] = [failed.get(i, RuntimeError("not drawn")) for i in range(len(drawings))]
+    for i, offset in zip(order, offsets):
+        tensor = drawn[i]
+        raw = host[offset : offset + tensor.numel() * tensor.element_size()]
+        if tensor.dtype == torch.float32:
+            results[i] = raw.view(np.float32).reshape(tensor.shape).astype(np.float64).round(ARRAY_DECIMALS)
+        else:
+            results[i] = raw.reshape(tensor.shape)
+    return results
+
+
+@lru_cache(maxsize=1)
+def _encoders() -> ThreadPoolExecutor:
+    """Threads for PNG encoding: as many as the cores this process may run on."""
+    return ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="png")
+
+
+def encode_pngs(pictures: list[np.ndarray]) -> list[bytes | Exception]:
+    """PNG bytes of each uint8 picture (gray or RGB), encoded concurrently; an exception
+    (out of memory, say) is returned in its place, so that it fails its own request only."""
+    if len(pictures) <= 1:
+        return [_encode(picture) for picture in pictures]
+    return list(_encoders().map(_encode, pictures))
+
+
+def _encode(picture: np.ndarray) -> bytes | Exception:
+    try:
+        return encode_png(picture)
+    except Exception as error:
+        return error
