@@ -56,6 +56,18 @@ class PreparedImage:
 
 
 @dataclass(frozen=True)
+class Admitted:
+    """A request whose header has been read and whose cost fits its limits, not yet decoded."""
+
+    request: ParsedRequest
+    opened: imaging.OpenedImage
+    geometry: imaging.CropGeometry
+    scale: float
+    cover: tuple[int, int] | None  # an overlay's size, which the decoded photo must fill
+    cost: budget.RequestCost
+
+
+@dataclass(frozen=True)
 class Result:
     """One request's answer: HTTP status and JSON body."""
 
@@ -143,6 +155,9 @@ class Explainer:
         self.stages: list[Stage] = find_stages(self.model, example, self.layer)
         self.classifier = find_classifier(self.model, self.feature_shape[0], config.num_classes)
         self.label_chars = max(len(label) for label in labels)
+        # JPEGs are decoded on the model's GPU (nvJPEG) when it has one; the CPU path stays
+        # Pillow's, whose reduced-scale JPEG decoding is faster there. Tests set it on a CPU.
+        self.device_decoding = device.type == "cuda"
         self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
         self.timings = Timings()
@@ -196,10 +211,15 @@ class Explainer:
         )
 
     def prepare(self, request: ParsedRequest) -> PreparedImage:
-        """Checks one request's cost from its image header, then decodes and crops (raises RequestError).
+        """Checks one request's cost from its image header, then decodes and crops it with
+        Pillow (raises RequestError)."""
+        return self._decode_on_host(self.admit(request))
 
-        Nothing is decoded before the request is known to fit the archive's limits
-        (``handler.budget``); an overlay's photo is decoded just large enough for its maps.
+    def admit(self, request: ParsedRequest) -> Admitted:
+        """Reads the image's header and checks the request against the archive's limits.
+
+        Nothing is decoded before the request is known to fit (``handler.budget``); an
+        overlay's photo is planned just large enough for its maps. Raises RequestError.
         """
         config, options = self.config, request.options
         opened = imaging.open_image(request.image, max_pixels=config.limits.max_image_pixels)
@@ -209,9 +229,8 @@ class Explainer:
                 f"class_conditional needs a linear classifier reading the {self.feature_shape[0]} channels of the "
                 f"explained layer {self.layer}; this model has none"
             )
-        has_maps = bool(options.explanations or options.stages)
         map_size = geometry.map_size(options.map_size)
-        cover = map_size if options.format == "overlay" and has_maps else None
+        cover = map_size if options.format == "overlay" and (options.explanations or options.stages) else None
         scale = imaging.decode_scale(opened.width, opened.height, config.resize_size, cover)
         cost = budget.check(
             options,
@@ -221,10 +240,44 @@ class Explainer:
             stages=len(self.stages),
             label_chars=self.label_chars,
         )
-        decoded = imaging.decode(opened, scale)
-        pixels = imaging.model_input(decoded, geometry)
-        photo = torch.from_numpy(np.array(decoded.image.resize(map_size, imaging.OVERLAY_RESAMPLING))) if cover else None
-        return PreparedImage(options, geometry, pixels, photo, cost)
+        return Admitted(request, opened, geometry, scale, cover, cost)
+
+    def _decode_on_host(self, admitted: Admitted) -> PreparedImage:
+        decoded = imaging.decode(admitted.opened, admitted.scale)
+        pixels = imaging.model_input(decoded, admitted.geometry)
+        cover = admitted.cover
+        photo = torch.from_numpy(np.array(decoded.image.resize(cover, imaging.OVERLAY_RESAMPLING))) if cover else None
+        return PreparedImage(admitted.request.options, admitted.geometry, pixels, photo, admitted.cost)
+
+    def _decode_on_device(self, batch: list[Admitted]) -> list[PreparedImage | Exception]:
+        """JPEGs decoded together on the model's device, cropped and scaled there.
+
+        What the device's decoder refuses goes through Pillow (``_decode_on_host``).
+        """
+        images = imaging.decode_jpegs([admitted.request.image for admitted in batch], self.device)
+        prepared: list[PreparedImage | Exception] = []
+        for admitted, image in zip(batch, images):
+            try:
+                if isinstance(image, Exception):
+                    prepared.append(self._decode_on_host(admitted))
+                    continue
+                image = imaging.orient(image, admitted.opened.orientation)
+                geometry = admitted.geometry
+                box = (geometry.left, geometry.top, geometry.left + geometry.side, geometry.top + geometry.side)
+                pixels = imaging.resize_box(image, box, (geometry.input_size, geometry.input_size))
+                cover = admitted.cover
+                photo = imaging.resize_box(image, (0, 0, geometry.width, geometry.height), cover) if cover else None
+                prepared.append(PreparedImage(admitted.request.options, geometry, pixels, photo, admitted.cost))
+            except RequestError as error:
+                prepared.append(error)
+            except Exception as error:
+                prepared.append(failure(error, "decoding an image"))
+        return prepared
+
+    def decodes_on_device(self, admitted: Admitted) -> bool:
+        """Whether this request's JPEG is decoded on the model's device (CUDA, or when asked)."""
+        image = admitted.opened.image
+        return self.device_decoding and image.format == "JPEG" and image.mode in imaging.DEVICE_JPEG_MODES
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """The model's input for a uint8 batch (B x H x W x 3): B x 3 x H x W, normalised, on its device."""
@@ -265,19 +318,31 @@ class Explainer:
         error; the others are batched.
         """
         start = time.perf_counter()
-        items: list[PreparedImage | RequestError] = []
+        items: list[PreparedImage | Admitted | RequestError] = []
         for request in requests:
             try:
-                items.append(request if isinstance(request, RequestError) else self.prepare(request))
+                if isinstance(request, RequestError):
+                    items.append(request)
+                    continue
+                admitted = self.admit(request)
+                items.append(admitted if self.decodes_on_device(admitted) else self._decode_on_host(admitted))
             except RequestError as error:
                 items.append(error)
             except Exception as error:  # a bug or a lack of memory fails its own request only
                 items.append(failure(error, "decoding an image"))
+        on_device = [i for i, item in enumerate(items) if isinstance(item, Admitted)]
+        if on_device:
+            try:
+                decoded = self._decode_on_device([items[i] for i in on_device])  # type: ignore[misc]
+            except Exception as error:
+                decoded = [failure(error, "decoding images on the device")] * len(on_device)
+            for i, item in zip(on_device, decoded):
+                items[i] = item
         prepared = [item for item in items if isinstance(item, PreparedImage)]
         pixels = torch.stack([item.pixels for item in prepared]).to(self.device, non_blocking=True) if prepared else None
         self.timings.decode = _ms_since(start)
         self.timings.batch_size = len(prepared)
-        return Batch(items, pixels)
+        return Batch(items, pixels)  # type: ignore[arg-type]
 
     def infer(self, batch: Batch) -> Inference | RequestError:
         """One forward pass, then DVE, targeted DVE, boxes and stage maps for the whole batch.

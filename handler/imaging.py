@@ -286,6 +286,83 @@ def model_input(decoded: DecodedImage, geometry: CropGeometry) -> torch.Tensor:
     return torch.from_numpy(np.asarray(crop).copy())
 
 
+# JPEGs decoded by torchvision on the model's device (nvJPEG on CUDA) rather than by
+# Pillow: the modes it decodes to RGB as Pillow would. CMYK and the rest stay with Pillow.
+DEVICE_JPEG_MODES = ("RGB", "L")
+
+
+def decode_jpegs(images: list[bytes], device: torch.device) -> list[torch.Tensor | Exception]:
+    """JPEGs decoded by torchvision on ``device`` (nvJPEG on CUDA), 3 x H x W uint8 in file orientation.
+
+    The batch is decoded in one call; if that call fails, each image is tried alone, so
+    that one file the decoder refuses (a progressive or unusual JPEG) fails only itself.
+    """
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_jpeg as tv_decode_jpeg
+
+    def frombuffer(data: bytes) -> torch.Tensor:
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+    try:
+        return list(tv_decode_jpeg([frombuffer(data) for data in images], mode=ImageReadMode.RGB, device=device))
+    except Exception:
+        decoded: list[torch.Tensor | Exception] = []
+        for data in images:
+            try:
+                decoded.append(tv_decode_jpeg(frombuffer(data), mode=ImageReadMode.RGB, device=device))
+            except Exception as error:  # noqa: PERF203 - one at a time, on purpose
+                decoded.append(error)
+        return decoded
+
+
+def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
+    """A decoded image (C x H x W) turned upright by its EXIF orientation, as Pillow's transposes do."""
+    flips = {2: (-1,), 3: (-2, -1), 4: (-2,)}
+    if orientation in flips:
+        return image.flip(flips[orientation])
+    if orientation == 5:  # transpose
+        return image.transpose(-2, -1)
+    if orientation == 6:  # rotate 270 degrees (90 clockwise)
+        return image.transpose(-2, -1).flip(-1)
+    if orientation == 7:  # transverse
+        return image.transpose(-2, -1).flip((-2, -1))
+    if orientation == 8:  # rotate 90 degrees (counter-clockwise)
+        return image.transpose(-2, -1).flip(-2)
+    return image
+
+
+def resize_box(image: torch.Tensor, box: tuple[float, float, float, float], size: tuple[int, int]) -> torch.Tensor:
+    """Pillow's ``resize(size, BILINEAR, box=box)`` on a tensor (C x H x W uint8): H' x W' x C uint8.
+
+    The same triangle filter, widened by the reduction as Pillow widens it (antialiasing),
+    as two matrix products on the image's device; Pillow rounds to 8 bits between its two
+    passes and this does not, which moves a few pixels by one level.
+    """
+    left, top, right, bottom = box
+    width, height = size
+    rows = _triangle_weights(height, image.shape[-2], top, bottom, image.device)
+    columns = _triangle_weights(width, image.shape[-1], left, right, image.device)
+    used_rows, used_columns = rows.any(0).nonzero(), columns.any(0).nonzero()  # only the pixels the box reaches
+    r0, r1 = int(used_rows.min()), int(used_rows.max()) + 1
+    c0, c1 = int(used_columns.min()), int(used_columns.max()) + 1
+    region = image[:, r0:r1, c0:c1].float()
+    out = rows[:, r0:r1] @ region @ columns[:, c0:c1].T
+    return out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def _triangle_weights(out_n: int, in_n: int, start: float, end: float, device: torch.device) -> torch.Tensor:
+    """``out_n x in_n`` weights of Pillow's bilinear filter from ``[start, end]`` of ``in_n`` pixels."""
+    scale = (end - start) / out_n
+    support = max(scale, 1.0)  # Pillow's filterscale: the triangle is widened when reducing
+    centres = start + (torch.arange(out_n, device=device, dtype=torch.float64) + 0.5) * scale
+    positions = torch.arange(in_n, device=device, dtype=torch.float64) + 0.5
+    weights = (1.0 - ((positions[None, :] - centres[:, None]) / support).abs()).clamp_(min=0.0)
+    weights /= weights.sum(dim=1, keepdim=True).clamp_(min=1e-12)
+    return weights.float()
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 gray (h x w) or RGB (h x w x 3) array.
 

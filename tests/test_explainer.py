@@ -106,14 +106,14 @@ def test_bad_requests_fail_alone_and_the_rest_of_the_batch_succeeds(lite0_explai
 
 def test_a_bug_answers_its_own_request_with_500_and_logs_no_request(lite0_explainer, photos, monkeypatch, caplog):
     """An unexpected exception while decoding one image fails that request only."""
-    prepare = lite0_explainer.prepare
+    admit = lite0_explainer.admit
 
     def buggy(request):
         if request.image == photos["rocket"]:
             raise ZeroDivisionError("a bug")
-        return prepare(request)
+        return admit(request)
 
-    monkeypatch.setattr(lite0_explainer, "prepare", buggy)
+    monkeypatch.setattr(lite0_explainer, "admit", buggy)
     results = lite0_explainer.run([ParsedRequest(photos[name], DEFAULT) for name in ("chelsea", "rocket", "coffee")])
     assert [r.status for r in results] == [200, 500, 200]
     assert results[1].body == {"code": 500, "type": "InternalServerError", "message": INTERNAL_ERROR_MESSAGE}
