@@ -299,22 +299,19 @@ def decode_jpegs(images: list[bytes], device: torch.device) -> list[torch.Tensor
     """
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's
         warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode
-        from torchvision.io import decode_jpeg as tv_decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg
 
-    def frombuffer(data: bytes) -> torch.Tensor:
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    try:
-        return list(tv_decode_jpeg([frombuffer(data) for data in images], mode=ImageReadMode.RGB, device=device))
-    except Exception:
-        decoded: list[torch.Tensor | Exception] = []
-        for data in images:
-            try:
-                decoded.append(tv_decode_jpeg(frombuffer(data), mode=ImageReadMode.RGB, device=device))
-            except Exception as error:  # noqa: PERF203 - one at a time, on purpose
-                decoded.append(error)
-        return decoded
+        tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
+        try:
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
+        except Exception:
+            decoded: list[torch.Tensor | Exception] = []
+            for tensor in tensors:
+                try:
+                    decoded.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+                except Exception as error:  # noqa: PERF203 - one at a time, on purpose
+                    decoded.append(error)
+            return decoded
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
