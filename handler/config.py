@@ -79,6 +79,11 @@ class ServingConfig:
         dve: parameters of DVE and targeted DVE.
         defaults: per-request defaults.
         limits: input and output bounds.
+        compile_dve: on CUDA, run DVE's fixed-shape tail (band products, psi, normalisation,
+            targeted DVE, boxes) through ``torch.compile(mode="reduce-overhead")``: CUDA
+            graphs per batch size instead of about fifty small kernel launches. Each new
+            batch size compiles once (seconds), so it is off unless asked for; any failure
+            falls back to eager for good.
     """
 
     architecture: str = "efficientnet_lite0"
@@ -93,6 +98,7 @@ class ServingConfig:
     dve: DVEParams = DVEParams()
     defaults: RequestDefaults = RequestDefaults()
     limits: Limits = Limits()
+    compile_dve: bool = False
 
     def __post_init__(self) -> None:
         if self.num_classes < 1:

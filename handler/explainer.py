@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from handler.layers import FeatureCapture, Stage, StageCapture, find_classifier,
 from handler.models import CUSTOM, build_model, imagenet_labels, load_weights, read_labels
 from handler.options import ParsedRequest, RequestOptions
 
+logger = logging.getLogger(__name__)
 LABELS_FILE = "index_to_name.json"  # TorchServe's name for an archive's labels
 ERROR_TYPES = {400: "BadRequest", 413: "PayloadTooLarge", 500: "InternalServerError", 503: "ServiceUnavailable"}
 
@@ -158,6 +160,7 @@ class Explainer:
         # JPEGs are decoded on the model's GPU (nvJPEG) when it has one; the CPU path stays
         # Pillow's, whose reduced-scale JPEG decoding is faster there. Tests set it on a CPU.
         self.device_decoding = device.type == "cuda"
+        self._explain = CompiledExplain() if config.compile_dve and device.type == "cuda" else dve.explain
         self.mean = torch.tensor(config.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(config.std, device=device).view(1, 3, 1, 1)
         self.timings = Timings()
@@ -374,7 +377,7 @@ class Explainer:
         start = time.perf_counter()
         explanation, boxes, box_valid = None, [], []
         if any(item.options.explanations for item in batch):
-            explanation = dve.explain(features, self.config.dve, self.input_size, self._channel_weights(batch, features, top_i[:, 0]))
+            explanation = self._explain(features, self.config.dve, self.input_size, self._channel_weights(batch, features, top_i[:, 0]))
             boxes = explanation.boxes.cpu().tolist()
             box_valid = explanation.box_valid.cpu().tolist()
         stage_maps = self._stage_maps(stage_features, staged)
@@ -485,6 +488,29 @@ class Explainer:
             chosen = features if rows is None else features.index_select(0, rows)
             per_stage.append(dve.normalize_maps(dve.dve(chosen, self.config.dve, self.input_size)))
         return {b: [maps[i] for maps in per_stage] for i, b in enumerate(staged)}
+
+
+class CompiledExplain:
+    """``dve.explain`` through ``torch.compile(mode="reduce-overhead")``: CUDA graphs per shape.
+
+    The first failure (a compiler missing, a graph that cannot be captured) is logged
+    once and every later call runs eagerly. Results equal eager ones within float rounding.
+    """
+
+    def __init__(self) -> None:
+        self.compiled = torch.compile(dve.explain, mode="reduce-overhead", dynamic=False)
+        self.failed = False
+
+    def __call__(self, features: torch.Tensor, params: dve.DVEParams, input_size: tuple[int, int], weights: torch.Tensor | None) -> dve.Explanation:
+        if not self.failed:
+            try:
+                out = self.compiled(features, params, input_size, weights)
+                # A CUDA graph's outputs are overwritten by its next replay: keep copies.
+                return dve.Explanation(out.dve.clone(), out.targeted.clone(), out.boxes.clone(), out.box_valid.clone())
+            except Exception:
+                logger.warning("compiled DVE failed; running it eagerly from now on", exc_info=True)
+                self.failed = True
+        return dve.explain(features, params, input_size, weights)
 
 
 def _stage_grid(stage_map: torch.Tensor, geometry: imaging.CropGeometry, width: int) -> torch.Tensor:

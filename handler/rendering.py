@@ -81,14 +81,22 @@ def render_maps(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int
     return (rows @ maps.float() @ columns.T).clamp_(0.0, 1.0)
 
 
-def bicubic_weights(out_n: int, full: int, start: float, side: float, n_in: int, device: torch.device) -> torch.Tensor:
+def bicubic_weights(out_n: int, full: float, start: float, side: float, n_in: int, device: torch.device) -> torch.Tensor:
     """``out_n x n_in`` weights sampling a crop of ``n_in`` cells along one axis.
 
     Output pixel i is centred at ``(i + 0.5) * full / out_n`` original pixels; the crop
     spans ``[start, start + side]``. Rows of pixels outside the crop are zero.
     """
-    centres = (torch.arange(out_n, device=device, dtype=torch.float64) + 0.5) * (full / out_n)
-    grid = 2.0 * (centres - start) / side - 1.0
+    geometry = torch.tensor([[full, start, side]], dtype=torch.float64, device=device)
+    return batched_bicubic_weights(out_n, geometry, n_in)[0]
+
+
+def batched_bicubic_weights(out_n: int, geometry: torch.Tensor, n_in: int) -> torch.Tensor:
+    """``bicubic_weights`` for G crops at once: ``geometry`` is G x 3 (full, start, side) -> G x out_n x n_in."""
+    full, start, side = geometry.unbind(dim=1)
+    pixels = torch.arange(out_n, device=geometry.device, dtype=torch.float64) + 0.5
+    centres = pixels[None, :] * (full / out_n)[:, None]
+    grid = 2.0 * (centres - start[:, None]) / side[:, None] - 1.0
     source = ((grid + 1.0) * n_in - 1.0) / 2.0  # grid_sample's unnormalisation, align_corners=False
     base = source.floor()
     t = source - base
@@ -100,10 +108,10 @@ def bicubic_weights(out_n: int, full: int, start: float, side: float, n_in: int,
             ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
             ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
         ],
-        dim=1,
+        dim=-1,
     )
-    index = (base.long()[:, None] + torch.arange(-1, 3, device=device)).clamp_(0, n_in - 1)  # border padding
-    weights = torch.zeros(out_n, n_in, device=device, dtype=torch.float64).scatter_add_(1, index, taps)
+    index = (base.long()[..., None] + torch.arange(-1, 3, device=geometry.device)).clamp_(0, n_in - 1)  # border padding
+    weights = torch.zeros(*grid.shape, n_in, device=geometry.device, dtype=torch.float64).scatter_add_(-1, index, taps)
     weights[grid.abs() > 1.0] = 0.0
     return weights.float()
 
@@ -165,62 +173,71 @@ def draw(drawings: list[Drawing]) -> list[np.ndarray | Exception]:
     groups: dict[tuple[int, int, int, int], list[int]] = {}
     for i, drawing in enumerate(drawings):
         groups.setdefault((*drawing.grid.shape, *drawing.size), []).append(i)
-    drawn: dict[int, torch.Tensor] = {}
+    blocks: list[tuple[list[int], torch.Tensor]] = []
     failed: dict[int, Exception] = {}
     for members in groups.values():
         try:
-            drawn.update(zip(members, _draw_group([drawings[i] for i in members])))
+            blocks += _draw_group(drawings, members)
         except Exception:
             for i in members:
                 try:
-                    drawn[i] = _draw_group([drawings[i]])[0]
+                    blocks += _draw_group(drawings, [i])
                 except Exception as error:  # noqa: PERF203 - one map at a time, on purpose
                     failed[i] = error
-    return _to_host(drawings, drawn, failed)
+    return _to_host(len(drawings), blocks, failed)
 
 
-def _draw_group(drawings: list[Drawing]) -> list[torch.Tensor]:
-    """Maps of one grid and output size, drawn by one batched product: float or uint8 pictures."""
-    first = drawings[0]
+def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+    """Maps of one grid and output size, drawn by one batched product.
+
+    Returns blocks of (drawing indices, their pictures stacked): float maps for ``array``,
+    uint8 levels for ``png``, uint8 RGB for ``overlay``.
+    """
+    first = drawings[members[0]]
     out_w, out_h = first.size
     h, w = first.grid.shape
     device = first.grid.device
-    rows = torch.stack([bicubic_weights(out_h, d.geometry.height, d.geometry.top, d.geometry.side, h, device) for d in drawings])
-    columns = torch.stack([bicubic_weights(out_w, d.geometry.width, d.geometry.left, d.geometry.side, w, device) for d in drawings])
-    grids = torch.stack([d.grid.float() for d in drawings])
-    pictures = (rows @ grids @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
-    out: list[torch.Tensor] = []
-    for drawing, picture in zip(drawings, pictures):
-        if drawing.format == "array":
-            out.append(picture)
-        elif drawing.format == "overlay":
-            out.append(blend(to_uint8(picture), drawing.photo.to(device, non_blocking=True)))
-        else:
-            out.append(to_uint8(picture))
-    return out
+    group = [drawings[i] for i in members]
+    places = torch.tensor(
+        [(d.geometry.height, d.geometry.top, d.geometry.width, d.geometry.left, d.geometry.side) for d in group], dtype=torch.float64
+    ).to(device)
+    rows = batched_bicubic_weights(out_h, places[:, [0, 1, 4]], h)
+    columns = batched_bicubic_weights(out_w, places[:, [2, 3, 4]], w)
+    pictures = (rows @ torch.stack([d.grid.float() for d in group]) @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
+    blocks = []
+    for fmt in ("array", "png", "overlay"):
+        chosen = [k for k, d in enumerate(group) if d.format == fmt]
+        if not chosen:
+            continue
+        picked = pictures if len(chosen) == len(group) else pictures[chosen]
+        if fmt == "png":
+            picked = to_uint8(picked)
+        elif fmt == "overlay":
+            photos = torch.stack([group[k].photo for k in chosen]).to(device, non_blocking=True)  # type: ignore[misc]
+            picked = blend(to_uint8(picked), photos)
+        blocks.append(([members[k] for k in chosen], picked))
+    return blocks
 
 
-def _to_host(drawings: list[Drawing], drawn: dict[int, torch.Tensor], failed: dict[int, Exception]) -> list[np.ndarray | Exception]:
-    """One device-to-host copy for every drawn map: their bytes, concatenated, 4-byte aligned."""
-    order = sorted(drawn)
+def _to_host(count: int, blocks: list[tuple[list[int], torch.Tensor]], failed: dict[int, Exception]) -> list[np.ndarray | Exception]:
+    """One device-to-host copy for every drawn map: the blocks' bytes, concatenated, 4-byte aligned."""
     pieces, offsets, position = [], [], 0
-    for i in order:
-        data = drawn[i].contiguous().view(-1).view(torch.uint8)
+    for _, block in blocks:
+        data = block.contiguous().view(-1).view(torch.uint8)
         pad = -data.numel() % 4  # the float maps that follow stay aligned
-        pieces.append(data)
-        if pad:
-            pieces.append(torch.zeros(pad, dtype=torch.uint8, device=data.device))
+        pieces += [data, torch.zeros(pad, dtype=torch.uint8, device=data.device)] if pad else [data]
         offsets.append(position)
         position += data.numel() + pad
     host = torch.cat(pieces).cpu().numpy() if pieces else np.empty(0, dtype=np.uint8)
-    results: list[np.ndarray | Exception] = [failed.get(i, RuntimeError("not drawn")) for i in range(len(drawings))]
-    for i, offset in zip(order, offsets):
-        tensor = drawn[i]
-        raw = host[offset : offset + tensor.numel() * tensor.element_size()]
-        if tensor.dtype == torch.float32:
-            results[i] = raw.view(np.float32).reshape(tensor.shape).astype(np.float64).round(ARRAY_DECIMALS)
+    results: list[np.ndarray | Exception] = [failed.get(i, RuntimeError("not drawn")) for i in range(count)]
+    for (members, block), offset in zip(blocks, offsets):
+        raw = host[offset : offset + block.numel() * block.element_size()]
+        if block.dtype == torch.float32:
+            values = raw.view(np.float32).reshape(block.shape).astype(np.float64).round(ARRAY_DECIMALS)
         else:
-            results[i] = raw.reshape(tensor.shape)
+            values = raw.reshape(block.shape)
+        for i, picture in zip(members, values):
+            results[i] = picture
     return results
 
 

@@ -33,7 +33,9 @@ here): its cost does not depend on the weights.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import json
 import os
 import statistics
 import sys
@@ -211,6 +213,81 @@ def bench(
     return results
 
 
+THROUGHPUT = {  # variant -> archive built by loadtest/run.py's build_archives
+    "ours, dve+targeted": "efficientnet_lite0",
+    "ours, no maps": "efficientnet_lite0_noexplain",
+    "stock image_classifier": "efficientnet_lite0_stock",
+}
+
+
+def load_services(device: torch.device, batch_size: int, store: Path) -> dict[str, object]:
+    """The three archives loaded in this process exactly as a TorchServe worker loads them."""
+    import zipfile
+
+    import ts
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+    from ts.model_loader import ModelLoaderFactory
+
+    from loadtest.run import build_archives
+
+    build_archives(store, batch_size=batch_size, max_batch_delay=5)
+    metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
+    metrics.initialize_cache()
+    services = {}
+    for variant, name in THROUGHPUT.items():
+        folder = store / "extracted" / name
+        with zipfile.ZipFile(store / f"{name}.mar") as archive:
+            archive.extractall(folder)
+        manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+        sys.path.insert(0, str(folder))  # as the worker: the archive's folder holds its handler and model file
+        loader = ModelLoaderFactory.get_model_loader()
+        gpu = device.index or 0 if device.type == "cuda" else None
+        services[variant] = loader.load(name, str(folder), manifest["handler"], gpu, batch_size, None, True, metrics)
+        services[variant].set_cl_socket(None)  # the worker's socket: used only for streamed responses
+        sys.path.remove(str(folder))
+    return services
+
+
+def throughput(device: torch.device, batch_sizes: list[int], photos: list[bytes], budget: float, store: Path) -> None:
+    """Images/s of the whole worker path, raw JPEG bytes in, each request's response out.
+
+    Each variant runs through TorchServe's own ``Service.predict`` (what a worker does
+    with a batch from the frontend), interleaved repetition by repetition. ``host ms``
+    is the process's CPU time per image: on a GPU, the work the host does per image.
+    """
+    print(f"\nhandler throughput: raw JPEG requests through Service.predict, {device.type}")
+    header = f"{'batch':>6}  {'variant':<24}{'images/s':>10}{'x stock':>9}{'x no maps':>11}{'host ms/img':>13}"
+    print(header)
+    print("-" * len(header))
+    with contextlib.redirect_stdout(io.StringIO()):  # the archive builder's progress
+        services = load_services(device, max(batch_sizes), store)
+    for batch_size in batch_sizes:
+        batch = [
+            {"requestId": str(i).encode(), "headers": [], "parameters": [{"name": "body", "contentType": "image/jpeg", "value": photos[i % len(photos)]}]}
+            for i in range(batch_size)
+        ]
+        for service in services.values():  # warm-up
+            service.predict(batch)
+        walls: dict[str, list[float]] = {variant: [] for variant in services}
+        cpus: dict[str, list[float]] = {variant: [] for variant in services}
+        deadline = time.perf_counter() + budget
+        while time.perf_counter() < deadline or min(len(v) for v in walls.values()) < 3:
+            for variant, service in services.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                service.predict(batch)
+                sync(device)
+                walls[variant].append(time.perf_counter() - wall)
+                cpus[variant].append(time.process_time() - cpu)
+        rate = {variant: batch_size / statistics.median(values) for variant, values in walls.items()}
+        for variant in services:
+            host_ms = statistics.median(cpus[variant]) * 1000.0 / batch_size
+            print(
+                f"{batch_size:>6}  {variant:<24}{rate[variant]:>10.1f}{rate[variant] / rate['stock image_classifier']:>9.2f}"
+                f"{rate[variant] / rate['ours, no maps']:>11.2f}{host_ms:>13.2f}",
+                flush=True,
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "vgg16"], choices=MODELS)
@@ -218,19 +295,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15, help="repetitions at most (at least 3)")
     parser.add_argument("--budget", type=float, default=40.0, help="seconds of timed runs per model and batch size")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--sections", nargs="+", default=["dve", "throughput"], choices=["dve", "throughput"])
+    parser.add_argument("--throughput-batch-sizes", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--throughput-budget", type=float, default=20.0, help="seconds of timed runs per batch size")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
-    print(f"device: {where}; torch {torch.__version__}; medians of interleaved repeats\n")
-    header = f"{'model':<19}{'batch':>6}  {'variant':<22}{'ms':>10}{'x fwd':>9}{'peak MB':>9}"
-    print(header)
-    print("-" * len(header))
+    print(f"device: {where}; torch {torch.__version__}; medians of interleaved repeats")
     photos = jpeg_photos()
-    for name in args.models:
+    if "dve" in args.sections:
+        dve_costs(args.models, sorted(args.batch_sizes), device, photos, args.repeats, args.budget)
+    if "throughput" in args.sections:
+        throughput(device, args.throughput_batch_sizes, photos, args.throughput_budget, ROOT / "build" / "bench")
+    return 0
+
+
+def dve_costs(models: list[str], batch_sizes: list[int], device: torch.device, photos: list[bytes], repeats: int, budget: float) -> None:
+    """Each variant's median time and peak memory next to the forward pass, per model and batch size."""
+    header = f"{'model':<19}{'batch':>6}  {'variant':<22}{'ms':>10}{'x fwd':>9}{'peak MB':>9}"
+    print(f"\n{header}")
+    print("-" * len(header))
+    for name in models:
         explainer = make_explainer(name, device)
         per_image_ms: dict[str, float] = {}
-        for batch_size in sorted(args.batch_sizes):
-            results = bench(explainer, batch_size, photos, args.repeats, args.budget, per_image_ms)
+        for batch_size in batch_sizes:
+            results = bench(explainer, batch_size, photos, repeats, budget, per_image_ms)
             forward_ms = results["forward"][0]  # type: ignore[index]
             for variant, value in results.items():
                 if isinstance(value, str):
@@ -242,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     print("\nforward+dve: hook, DVE, targeted DVE, boxes; served: decode + crop + forward + JSON, without and with")
     print("both maps rendered and PNG-encoded at 224 px; grad-cam: pytorch-grad-cam GradCAM; integrated gradients:")
     print(f"Captum, {IG_STEPS} steps, {IG_INTERNAL_BATCH} images per pass.")
-    return 0
 
 
 if __name__ == "__main__":

@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="per-request limits other than the defaults (docs/reliability.md, 'Bounded work per request'), "
         "e.g. --limits max_rendered_pixels=30000000 max_response_bytes=41943040; keys: " + ", ".join(f.name for f in fields(Limits)),
     )
+    parser.add_argument(
+        "--compile-dve",
+        action="store_true",
+        help="on CUDA, compile DVE's tail into CUDA graphs (torch.compile reduce-overhead; each batch size compiles once)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
@@ -120,7 +125,12 @@ def serving_config(args: argparse.Namespace, labels: list[str]) -> ServingConfig
     except RequestError as exc:
         raise BuildError(f"--explanations: {exc}") from None
     return replace(
-        config, defaults=replace(config.defaults, explanations=explanations), dve=dve_params(args.dve), limits=limits(args.limits), **overrides
+        config,
+        defaults=replace(config.defaults, explanations=explanations),
+        dve=dve_params(args.dve),
+        limits=limits(args.limits),
+        compile_dve=args.compile_dve,
+        **overrides,
     )
 
 

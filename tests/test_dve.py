@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from handler import dve
-from handler.dve import DVEParams
+from handler.dve import DVEParams, explain
 
 
 def reference_gaussian(h: int, w: int, sigma: float) -> np.ndarray:
@@ -178,3 +178,33 @@ def test_cuda_matches_cpu_and_stays_on_device():
     torch.testing.assert_close(gpu.dve.cpu(), cpu.dve, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gpu.targeted.cpu(), cpu.targeted, rtol=1e-4, atol=1e-5)
     assert (gpu.boxes.cpu() - cpu.boxes).abs().max().item() <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("batch", [1, 8])
+def test_compiled_dve_equals_eager_on_cuda(batch):
+    from handler.explainer import CompiledExplain
+
+    features = torch.rand(batch, 1280, 7, 7, device="cuda", generator=torch.Generator("cuda").manual_seed(batch))
+    params = DVEParams()
+    compiled = CompiledExplain()
+    for _ in range(3):  # warm-up, capture, replay
+        got = compiled(features, params, (224, 224), None)
+    assert not compiled.failed
+    expected = explain(features, params, (224, 224))
+    assert torch.allclose(got.dve, expected.dve, atol=1e-5) and torch.allclose(got.targeted, expected.targeted, atol=1e-5)
+    assert (got.boxes - expected.boxes).abs().max() <= 1 and torch.equal(got.box_valid, expected.box_valid)
+
+
+def test_compiled_dve_falls_back_to_eager_for_good(monkeypatch):
+    from handler.explainer import CompiledExplain
+
+    compiled = CompiledExplain()
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(compiled, "compiled", broken)
+    features = torch.rand(2, 16, 7, 7, generator=torch.Generator().manual_seed(0))
+    got = compiled(features, DVEParams(), (224, 224), None)
+    assert compiled.failed and torch.equal(got.dve, explain(features, DVEParams(), (224, 224)).dve)

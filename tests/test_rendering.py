@@ -95,10 +95,10 @@ def test_a_map_that_cannot_be_drawn_fails_alone(monkeypatch):
     drawings = [Drawing(torch.rand(7, 7), geometry, (96, 64), "png") for _ in range(3)]
     group = rendering._draw_group
 
-    def failing_group(members):  # the batched product runs out of memory, and so does map 1 alone
-        if len(members) > 1 or members[0] is drawings[1]:
+    def failing_group(all_drawings, members):  # the batched product runs out of memory, and so does map 1 alone
+        if len(members) > 1 or members[0] == 1:
             raise MemoryError()
-        return group(members)
+        return group(all_drawings, members)
 
     monkeypatch.setattr(rendering, "_draw_group", failing_group)
     pictures = draw(drawings)
