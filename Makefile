@@ -15,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench evaluate figures stages loadtest scaling faults soak worstcase install install-dev archives samples clean
+.PHONY: serve stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +75,14 @@ soak: $(VENV)/.dev
 # and as a full batch, against a real TorchServe; fails if one is over its time or memory budget.
 worstcase: $(VENV)/.dev
 	$(PY) loadtest/worstcase.py
+
+# The GPU check: on a machine with an NVIDIA GPU and only PyTorch, from the repository root
+# with build/gpu (made here by `make gpu-bundle`): bash scripts/gpu_check.sh OUT_DIR
+gpu-bundle: $(VENV)/.dev
+	$(PY) scripts/gpu_bundle.py
+
+gpu-check:
+	bash scripts/gpu_check.sh build/gpu-check
 
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
 bench: $(VENV)/.dev

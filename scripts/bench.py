@@ -75,6 +75,9 @@ def make_explainer(name: str, device: torch.device) -> Explainer:
 
 
 def jpeg_photos() -> list[bytes]:
+    """The photos as JPEG bytes: from scikit-image, or from $DVE_PHOTO_DIR (the GPU check's bundle)."""
+    if os.environ.get("DVE_PHOTO_DIR"):
+        return [(Path(os.environ["DVE_PHOTO_DIR"]) / f"{name}.jpg").read_bytes() for name in PHOTOS]
     import skimage.data
     from PIL import Image
 

@@ -25,10 +25,14 @@ def encode(array_or_image, fmt: str = "JPEG", **save_args) -> bytes:
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
-    """Real photographs shipped with scikit-image, as JPEG bytes."""
+    """Real photographs shipped with scikit-image, as JPEG bytes (or from $DVE_PHOTO_DIR's JPEGs
+    where scikit-image is not installed: the GPU check's bundle, scripts/gpu_bundle.py)."""
+    names = ("chelsea", "coffee", "rocket", "astronaut")
+    if os.environ.get("DVE_PHOTO_DIR"):
+        return {name: (Path(os.environ["DVE_PHOTO_DIR"]) / f"{name}.jpg").read_bytes() for name in names}
     import skimage.data
 
-    return {name: encode(getattr(skimage.data, name)(), quality=92) for name in ("chelsea", "coffee", "rocket", "astronaut")}
+    return {name: encode(getattr(skimage.data, name)(), quality=92) for name in names}
 
 
 @pytest.fixture(scope="session")
