@@ -25,7 +25,6 @@ from handler.errors import RequestError
 from handler.imaging import CropGeometry
 from handler.options import MIN_MAP_SIZE, RequestOptions
 
-PNG_BLOCK = 65536  # Pillow writes image data in IDAT chunks of at most this many bytes
 PNG_FIXED_BYTES = 1024  # signature, header, end chunk and zlib's wrapper, with room to spare
 ARRAY_VALUE_CHARS = 7  # "0.1234," : values in [0, 1] at 4 decimals, and a separator
 MAP_ENTRY_BYTES = 256  # {"format", "width", "height", "box", "layer", "shape", ...} around a map
@@ -74,7 +73,7 @@ def request_cost(
     else:
         channels = 3 if options.format == "overlay" else 1
         raw = height * (width * channels + 1)  # one filter byte per row
-        png = raw + (raw // PNG_BLOCK + 1) * 12 + (raw // 16000 + 1) * 5 + PNG_FIXED_BYTES  # stored deflate blocks at worst
+        png = raw + (raw // 3200 + 1) + PNG_FIXED_BYTES  # zlib's deflateBound: raw/4096 + raw/16384 + 13 at most
         per_map = 4 * ceil(png / 3)  # base64
         rendered = pixels * channels * maps
     answer = FIXED_BYTES + options.topk * (PREDICTION_BYTES + 6 * label_chars) + maps * (per_map + MAP_ENTRY_BYTES)

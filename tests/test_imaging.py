@@ -117,3 +117,10 @@ def test_png_encodes_what_it_is_given():
     gray = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (10, 1))
     decoded = Image.open(io.BytesIO(encode_png(gray)))
     assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), gray)
+    noise = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    decoded = Image.open(io.BytesIO(encode_png(noise[::-1])))  # not contiguous: reversed rows
+    assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), noise[::-1])
+    one = Image.open(io.BytesIO(encode_png(np.full((1, 1), 7, dtype=np.uint8))))
+    assert np.asarray(one).tolist() == [[7]]
+    with pytest.raises(ValueError):
+        encode_png(np.zeros((4, 4), dtype=np.float32))
