@@ -247,10 +247,13 @@ def _encoders() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="png")
 
 
+PARALLEL_MIN_BYTES = 1 << 20  # below this, handing pictures to threads costs more than it saves
+
+
 def encode_pngs(pictures: list[np.ndarray]) -> list[bytes | Exception]:
     """PNG bytes of each uint8 picture (gray or RGB), encoded concurrently; an exception
     (out of memory, say) is returned in its place, so that it fails its own request only."""
-    if len(pictures) <= 1:
+    if len(pictures) <= 1 or sum(picture.nbytes for picture in pictures) < PARALLEL_MIN_BYTES:
         return [_encode(picture) for picture in pictures]
     return list(_encoders().map(_encode, pictures))
 

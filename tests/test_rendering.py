@@ -119,7 +119,7 @@ def test_overlay_colours_by_the_map_and_leaves_zero_untouched():
 
 
 def test_pngs_are_encoded_in_parallel_and_a_failure_stays_with_its_picture():
-    pictures = [np.full((20, 30), level, dtype=np.uint8) for level in (0, 128, 255)]
+    pictures = [np.full((600, 700), level, dtype=np.uint8) for level in (0, 128, 255)]  # over PARALLEL_MIN_BYTES
     pictures.insert(1, np.zeros((2, 2, 5), dtype=np.uint8))  # no PNG has 5 channels
     encoded = rendering.encode_pngs(pictures)
     assert isinstance(encoded[1], Exception)
