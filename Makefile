@@ -5,6 +5,7 @@
 #   make bench   what explaining costs next to the prediction, measured side by side
 #   make loadtest  Locust load test and served comparison with the stock handler
 #   make faults / make soak   faults under load; a long run at the documented load
+#   make overload  4, 64, 200 users against one worker: latency of admitted requests, share rejected (503)
 #   make evaluate  how faithful the explanations are (deletion/insertion, pointing game)
 #   make figures   the paper's Fig. 4/5 (grid) and Fig. 6 (blur sweep) as PNGs in build/figures/
 #   make stages  Fig. 7: DVE at every stage of the model, build/figures/stages.png
@@ -14,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench evaluate figures stages loadtest scaling faults soak install install-dev archives samples clean
+.PHONY: serve stop test bench evaluate figures stages loadtest scaling faults soak overload install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +70,14 @@ faults: $(VENV)/.dev
 SOAK_MINUTES ?= 10
 soak: $(VENV)/.dev
 	$(PY) loadtest/faults.py soak --minutes $(SOAK_MINUTES)
+
+# More users than one worker can serve, with TorchServe's default job_queue_size (100) and
+# config.properties' one: p50/p99 and throughput of admitted requests, share rejected with
+# 503, other 5xx, worker restarts (users do not retry here). Report in build/overload/<time>/.
+# Other queue sizes: make overload OVERLOAD_ARGS="--queue-sizes 100 32 16 8"
+OVERLOAD_ARGS ?=
+overload: $(VENV)/.dev
+	$(PY) loadtest/overload.py $(OVERLOAD_ARGS)
 
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
 bench: $(VENV)/.dev

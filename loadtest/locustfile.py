@@ -21,6 +21,9 @@ Environment:
                       failure, and only a 503 after the last try fails. ``0``: no retry,
                       every 503 is a failure (``loadtest/overload.py`` measures that way,
                       so the share rejected is a first-attempt figure)
+    DVE_PAUSE_AFTER_503  seconds a user waits after a 503 it does not send again, before
+                      its next (new) request (default 0): a client told the server is busy
+                      that does not come straight back
 
 A response with the wrong status, shape or map size counts as a failure.
 """
@@ -48,6 +51,7 @@ MODEL = os.environ.get("DVE_MODEL", "efficientnet_lite0")
 PHOTOS = load_mix()
 RETRY = NO_RETRY if os.environ.get("DVE_RETRY_503", "1") == "0" else Backoff()
 RETRIED = " (503, retried)"
+PAUSE_AFTER_503 = float(os.environ.get("DVE_PAUSE_AFTER_503", "0"))
 _results = open(os.environ["DVE_RESULTS_FILE"], "a") if os.environ.get("DVE_RESULTS_FILE") else None
 
 
@@ -121,14 +125,15 @@ class ExplainUser(HttpUser):
                     return wait
                 after = f" after {tries} tries" if tries > 1 else ""
                 response.failure(f"HTTP 503{after}: {response.text[:200]}")
-                return None
-            if response.status_code != 200:
+            elif response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-                return None
-            try:
-                check(response, photo)
-            except (AssertionError, KeyError, TypeError, ValueError) as error:
-                response.failure(f"wrong answer for {photo.name}: {error!r}")
+            else:
+                try:
+                    check(response, photo)
+                except (AssertionError, KeyError, TypeError, ValueError) as error:
+                    response.failure(f"wrong answer for {photo.name}: {error!r}")
+        if response.status_code == RETRIED_STATUS and PAUSE_AFTER_503:
+            time.sleep(PAUSE_AFTER_503)  # after the with-block: not part of the request's time
         return None
 
     def _raw(self, endpoint: str, name: str, check) -> None:

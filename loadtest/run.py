@@ -92,13 +92,18 @@ def build_archives(store: Path, batch_size: int, max_batch_delay: int, workers: 
 
 
 def start_locust(
-    server: ts_server.Server, scenario: str, users: int, duration: int, prefix: Path, results: Path, model: str | None = None, retry_503: bool = True
+    server: ts_server.Server, scenario: str, users: int, duration: int, prefix: Path, results: Path, model: str | None = None,
+    retry_503: bool = True, pause_after_503: float = 0.0,
 ) -> subprocess.Popen:
-    """Starts one headless Locust phase in the background; ``retry_503=False``: users never send a 503 again."""
+    """Starts one headless Locust phase in the background.
+
+    ``retry_503=False``: users never send a 503 again; ``pause_after_503``: seconds a user
+    then waits before its next request (locustfile.py).
+    """
     model = model or TARGETS.get(scenario, (OURS, ""))[0]
     env = dict(
         os.environ, DVE_SCENARIO=scenario, DVE_MODEL=model, DVE_KEY_FILE=str(server.key_file), DVE_RESULTS_FILE=str(results),
-        DVE_RETRY_503="1" if retry_503 else "0",
+        DVE_RETRY_503="1" if retry_503 else "0", DVE_PAUSE_AFTER_503=str(pause_after_503),
     )
     command = [
         str(Path(sys.executable).parent / "locust"), "-f", str(ROOT / "loadtest" / "locustfile.py"),
