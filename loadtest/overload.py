@@ -2,7 +2,7 @@
 """``make overload``: what one worker does with more users than it can serve.
 
     python loadtest/overload.py [--queue-sizes 100 16] [--users 4 64 200] [--seconds 40]
-                                [--warmup 10] [--pause-after-503 0] [--quiet 0.2] [--port-base 29000]
+                                [--warmup 10] [--pause-after-503 1] [--quiet 0.2] [--port-base 29000]
 
 For each ``job_queue_size`` it starts its own TorchServe (ports ``--port-base`` ..
 +5) with EfficientNet-Lite0 built by ``scripts/build_mar.py`` into
@@ -10,13 +10,15 @@ For each ``job_queue_size`` it starts its own TorchServe (ports ``--port-base`` 
 ``make loadtest``), warms it up, then runs Locust's ``explain`` scenario (raw photos of
 the load test's mix, both maps, every answer checked) with each number of closed-loop
 users for ``--seconds``. The users do not retry a 503 (``DVE_RETRY_503=0``), so every
-request is a first attempt; a user turned away sends its next, new request at once, or
-after ``--pause-after-503`` seconds. Before each phase it waits until the machine is
+request is a first attempt; a user turned away sends its next, new request after
+``--pause-after-503`` seconds (default 1: a client told the server is busy does not
+come straight back; with 0, users turned away come back at once, hundreds of times a
+second, and on this 2-core machine that costs the worker the CPU it needs). Before each phase it waits until the machine is
 quiet (other processes under ``--quiet`` CPU seconds per second), and it measures a phase
 again (up to ``--repeats`` times) if other processes used more than that during it: on this 2-core machine, one core taken by something else cuts the worker's
 throughput many times over. Per phase it reports, for the admitted requests (HTTP 200
 with a correct answer), p50 and p99 latency and throughput; the share of all requests
-rejected with 503 (TorchServe's answer when the model's queue is full: "Model ... has
+rejected with 503, and how fast (TorchServe's answer when the model's queue is full: "Model ... has
 no worker to serve inference request. Please use scale workers API to add workers.");
 any other 5xx or failure; and whether the worker's PID changed. Locust runs on the same
 machine, and so may anything else: the CPU seconds per second of the phase that Locust
@@ -122,7 +124,8 @@ def run_phase(server: ts_server.Server, users: int, seconds: int, prefix: Path, 
 def summarize(rows: list[dict], seconds: int) -> dict:
     """Admitted (200, correct): p50, p99, per second; rejected (503): share; everything else counted."""
     admitted = [r["ms"] for r in rows if r["ok"] and r["status"] == 200]
-    rejected = sum(r["status"] == 503 for r in rows)
+    turned_away = [r["ms"] for r in rows if r["status"] == 503]
+    rejected = len(turned_away)
     other_5xx = sum(r["status"] >= 500 and r["status"] != 503 for r in rows)
     other_failures = len(rows) - len(admitted) - rejected - other_5xx
     return {
@@ -133,6 +136,8 @@ def summarize(rows: list[dict], seconds: int) -> dict:
         "admitted_per_s": len(admitted) / seconds,
         "rejected_503": rejected,
         "rejected_share": rejected / len(rows) if rows else float("nan"),
+        "rejected_p50_ms": percentile(turned_away, 50),
+        "rejected_p99_ms": percentile(turned_away, 99),
         "other_5xx": other_5xx,
         "other_failures": other_failures,
         "statuses": {str(s): sum(r["status"] == s for r in rows) for s in sorted({r["status"] for r in rows})},
@@ -172,11 +177,16 @@ def measure(
 def line(row: dict) -> str:
     return (
         f"{row['users']:>3} users: {row['requests']} requests, admitted {row['admitted']} ({row['admitted_per_s']:.1f}/s, "
-        f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms), 503 {row['rejected_share']:.1%}, "
+        f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms), 503 {row['rejected_share']:.1%} "
+        f"(p50 {_ms(row['rejected_p50_ms'])} ms, p99 {_ms(row['rejected_p99_ms'])} ms), "
         f"other 5xx {row['other_5xx']}, other failures {row['other_failures']}, "
         f"worker {'REPLACED ' + str(row['worker_pids_after']) if row['worker_replaced'] else 'unchanged'}, "
         f"CPU s/s: TorchServe {row['server_cpu_per_s']:.2f}, Locust {row['locust_cpu_per_s']:.2f}, others {row['others_cpu_per_s']:.2f}"
     )
+
+
+def _ms(value: float) -> str:
+    return "-" if value != value else f"{value:.0f}"  # NaN: no such request
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
@@ -188,12 +198,13 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
         f"no retry, {args.pause_after_503:g} s pause after a 503; {args.seconds} s per phase after a {args.warmup} s warm-up. "
         "Latency and throughput of admitted requests (200); rejected: share of all requests.",
         "",
-        "| job_queue_size | users | p50 ms | p99 ms | admitted req/s | rejected 503 | other 5xx | other failures | worker replaced | CPU s/s: TorchServe, Locust, others |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| job_queue_size | users | p50 ms | p99 ms | admitted req/s | rejected 503 | 503 p50 / p99 ms | other 5xx | other failures | worker replaced | CPU s/s: TorchServe, Locust, others |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['queue']} | {r['users']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['admitted_per_s']:.1f} | {r['rejected_share']:.1%} "
+            f"| {_ms(r['rejected_p50_ms'])} / {_ms(r['rejected_p99_ms'])} "
             f"| {r['other_5xx']} | {r['other_failures']} | {'yes' if r['worker_replaced'] else 'no'} "
             f"| {r['server_cpu_per_s']:.2f}, {r['locust_cpu_per_s']:.2f}, {r['others_cpu_per_s']:.2f} |"
         )
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, nargs="+", default=[4, 64, 200])
     parser.add_argument("--seconds", type=int, default=40, help="length of each measured phase")
     parser.add_argument("--warmup", type=int, default=10, help="seconds of 4 users before the phases of each server (0: none)")
-    parser.add_argument("--pause-after-503", type=float, default=0.0, help="seconds a rejected user waits before its next request (0: none)")
+    parser.add_argument("--pause-after-503", type=float, default=1.0, help="seconds a rejected user waits before its next request (0: none)")
     parser.add_argument("--quiet", type=float, default=0.2, help="before each phase, wait (up to 15 min) until other processes use less CPU s/s than this")
     parser.add_argument("--repeats", type=int, default=3, help="times a phase is measured again when others used over --quiet during it")
     parser.add_argument("--no-wait", action="store_true", help="start each phase at once and never repeat it, busy machine or not")
