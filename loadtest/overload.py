@@ -4,27 +4,30 @@
     python loadtest/overload.py [--queue-sizes 100 16] [--users 4 64 200] [--seconds 40]
                                 [--warmup 10] [--pause-after-503 1] [--quiet 0.2] [--port-base 29000]
 
-For each ``job_queue_size`` it starts its own TorchServe (ports ``--port-base`` ..
-+5) with EfficientNet-Lite0 built by ``scripts/build_mar.py`` into
-``build/overload/model_store`` (batch size 8, max batch delay 5 ms, one worker, as
-``make loadtest``), warms it up, then runs Locust's ``explain`` scenario (raw photos of
-the load test's mix, both maps, every answer checked) with each number of closed-loop
-users for ``--seconds``. The users do not retry a 503 (``DVE_RETRY_503=0``), so every
-request is a first attempt; a user turned away sends its next, new request after
-``--pause-after-503`` seconds (default 1: a client told the server is busy does not
-come straight back; with 0, users turned away come back at once, hundreds of times a
-second, and on this 2-core machine that costs the worker the CPU it needs). Before each phase it waits until the machine is
-quiet (other processes under ``--quiet`` CPU seconds per second), and it measures a phase
-again (up to ``--repeats`` times) if other processes used more than that during it: on this 2-core machine, one core taken by something else cuts the worker's
-throughput many times over. Per phase it reports, for the admitted requests (HTTP 200
-with a correct answer), p50 and p99 latency and throughput; the share of all requests
-rejected with 503, and how fast (TorchServe's answer when the model's queue is full: "Model ... has
-no worker to serve inference request. Please use scale workers API to add workers.");
-any other 5xx or failure; and whether the worker's PID changed. Locust runs on the same
-machine, and so may anything else: the CPU seconds per second of the phase that Locust
-used, and that processes other than this TorchServe and Locust used ("others": on a
-shared machine, a phase with others well above 0 measured a smaller machine), are
-reported too.
+For each ``job_queue_size`` (default: TorchServe's 100 and config.properties') it starts
+its own TorchServe (ports ``--port-base`` .. +5) with EfficientNet-Lite0 built by
+``scripts/build_mar.py`` into ``build/overload/model_store`` (one worker, batch size 8,
+max batch delay 5 ms, as ``make loadtest``), warms it up, then runs Locust's ``explain``
+scenario (raw photos of the load test's mix, both maps, every answer checked) with each
+number of closed-loop users for ``--seconds``.
+
+The users do not retry a 503 (``DVE_RETRY_503=0``), so every request is a first
+attempt. A user turned away sends its next, new request after ``--pause-after-503``
+seconds (default 1: a client told the server is busy does not come straight back; with
+0, users turned away come back hundreds of times a second, and on a 2-core machine that
+takes the CPU the worker needs).
+
+Per phase it reports, for the admitted requests (HTTP 200 with a correct answer), p50
+and p99 latency and throughput; the share of all requests rejected with 503, and how
+fast they were (TorchServe's answer when the model's queue is full: "Model ... has no
+worker to serve inference request. Please use scale workers API to add workers. ...");
+any other 5xx or failure; whether the worker's PID changed; and the CPU seconds per
+second used by TorchServe, by Locust (on the same machine) and by every other process.
+
+The machine may be shared: one core taken by something else cuts the worker's
+throughput many times over. So each phase starts once other processes use under
+``--quiet`` CPU seconds per second, and is measured again (up to ``--repeats`` times)
+if they used more while it ran.
 
 Writes ``overload.md`` and ``overload.json`` to ``build/overload/<time>/``. Exits 1 if
 any request failed otherwise than with a 503, or the worker was replaced.
