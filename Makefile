@@ -6,6 +6,7 @@
 #   make loadtest  Locust load test and served comparison with the stock handler
 #   make faults / make soak   faults under load; a long run at the documented load
 #   make worstcase  the most expensive requests the limits allow, alone and as a full batch
+#   make overload  4, 64, 200 users against one worker: latency of admitted requests, share rejected (503)
 #   make evaluate  how faithful the explanations are (deletion/insertion, pointing game)
 #   make figures   the paper's Fig. 4/5 (grid) and Fig. 6 (blur sweep) as PNGs in build/figures/
 #   make stages  Fig. 7: DVE at every stage of the model, build/figures/stages.png
@@ -15,7 +16,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase install install-dev archives samples clean
+.PHONY: serve stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase overload install install-dev archives samples clean
 
 $(VENV)/.runtime: requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -83,6 +84,14 @@ gpu-bundle: $(VENV)/.dev
 
 gpu-check:
 	bash scripts/gpu_check.sh build/gpu-check
+
+# More users than one worker can serve, with TorchServe's default job_queue_size (100) and
+# config.properties' one: p50/p99 and throughput of admitted requests, share rejected with
+# 503, other 5xx, worker restarts (users do not retry here). Report in build/overload/<time>/.
+# Other queue sizes: make overload OVERLOAD_ARGS="--queue-sizes 100 32 16 8"
+OVERLOAD_ARGS ?=
+overload: $(VENV)/.dev
+	$(PY) loadtest/overload.py $(OVERLOAD_ARGS)
 
 # In-process cost of DVE next to the forward pass (CPU here; CUDA where there is one).
 bench: $(VENV)/.dev

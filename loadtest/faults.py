@@ -74,7 +74,9 @@ def wait_for_new_worker(server: ts_server.Server, model: str, old_pid: int, time
 
 
 def records(results: Path) -> list[dict]:
-    return [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    """Every answered request; a 503 the user sent again (``retried``) is left out, its retry counts."""
+    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    return [r for r in rows if not r.get("retried")]
 
 
 def recovered(rows: list[dict], fault_start: float, service_back: float) -> bool:

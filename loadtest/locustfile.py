@@ -13,7 +13,17 @@ Environment:
                       options; ``stock``: TorchServe's stock image_classifier;
                       ``stock-explain``: its /explanations (Captum Integrated Gradients)
     DVE_MODEL         model name (default efficientnet_lite0)
-    DVE_RESULTS_FILE  if set, every request's (scenario, ms, ok) is appended to it (JSONL)
+    DVE_RESULTS_FILE  if set, every request's (scenario, ms, ok, status, ...) is appended to it (JSONL)
+    DVE_RETRY_503     ``1`` (default): a 503 (the model's queue is full) is sent again with
+                      exponential backoff and jitter, as ``scripts/client.py`` does
+                      (``scripts/backoff.py``: at most 5 tries, 15 s of waiting); each
+                      retried attempt is reported as ``<name> (503, retried)``, not as a
+                      failure, and only a 503 after the last try fails. ``0``: no retry,
+                      every 503 is a failure (``loadtest/overload.py`` measures that way,
+                      so the share rejected is a first-attempt figure)
+    DVE_PAUSE_AFTER_503  seconds a user waits after a 503 it does not send again, before
+                      its next (new) request (default 0): a client told the server is busy
+                      that does not come straight back
 
 A response with the wrong status, shape or map size counts as a failure.
 """
@@ -34,17 +44,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from loadtest.checks import check_ours, check_stock, check_stock_explanation  # noqa: E402
 from loadtest.photos import Photo, load_mix  # noqa: E402
+from scripts.backoff import NO_RETRY, RETRIED_STATUS, Backoff, retry_after_seconds  # noqa: E402
 
 SCENARIO = os.environ.get("DVE_SCENARIO", "mix")
 MODEL = os.environ.get("DVE_MODEL", "efficientnet_lite0")
 PHOTOS = load_mix()
+RETRY = NO_RETRY if os.environ.get("DVE_RETRY_503", "1") == "0" else Backoff()
+RETRIED = " (503, retried)"
+PAUSE_AFTER_503 = float(os.environ.get("DVE_PAUSE_AFTER_503", "0"))
 _results = open(os.environ["DVE_RESULTS_FILE"], "a") if os.environ.get("DVE_RESULTS_FILE") else None
 
 
 @events.request.add_listener
-def _record(request_type, name, response_time, response_length, exception, **kwargs) -> None:
+def _record(request_type, name, response_time, response_length, exception, response=None, **kwargs) -> None:
     if _results is not None:
-        record = {"scenario": SCENARIO, "t": time.time(), "ms": response_time, "ok": exception is None, "bytes": response_length}
+        status = getattr(response, "status_code", 0) or 0  # 0: no answer (no connection)
+        record = {"scenario": SCENARIO, "t": time.time(), "ms": response_time, "ok": exception is None, "bytes": response_length, "status": status}
+        if name.endswith(RETRIED):
+            record["retried"] = True  # a 503 sent again: neither an answer nor a failure
         _results.write(json.dumps(record) + "\n")
 
 
@@ -82,19 +99,42 @@ class ExplainUser(HttpUser):
         return self.token
 
     def _post(self, endpoint: str, photo: Photo, name: str, check, **kwargs) -> None:
-        headers = {"Authorization": f"Bearer {self._token()}", **kwargs.pop("headers", {})}
+        """Sends one request, again after a 503 as ``RETRY`` allows, and checks the answer."""
+        extra_headers = kwargs.pop("headers", {})
+        tries, waited = 0, 0.0
+        while True:
+            tries += 1
+            wait = self._attempt(endpoint, photo, name, check, {"Authorization": f"Bearer {self._token()}", **extra_headers}, tries, waited, kwargs)
+            if wait is None:
+                return
+            time.sleep(wait)  # gevent's sleep under Locust: other users keep running
+            waited += wait
+
+    def _attempt(self, endpoint: str, photo: Photo, name: str, check, headers: dict, tries: int, waited: float, kwargs: dict) -> float | None:
+        """One attempt; the seconds to wait before the next one, or None when this answer is final."""
         with self.client.post(f"/{endpoint}/{MODEL}", headers=headers, name=name, catch_response=True, **kwargs) as response:
             if response.status_code == 0:  # no server (a fault test stopped it): back off a little
                 response.failure(f"no connection: {response.error}")
                 time.sleep(0.2)
-                return
-            if response.status_code != 200:
+                return None
+            if response.status_code == RETRIED_STATUS:
+                wait = RETRY.next_wait(tries, waited, retry_after_seconds(response.headers.get("Retry-After")), self.random)
+                if wait is not None:
+                    response.request_meta["name"] = name + RETRIED
+                    response.success()
+                    return wait
+                after = f" after {tries} tries" if tries > 1 else ""
+                response.failure(f"HTTP 503{after}: {response.text[:200]}")
+            elif response.status_code != 200:
                 response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-                return
-            try:
-                check(response, photo)
-            except (AssertionError, KeyError, TypeError, ValueError) as error:
-                response.failure(f"wrong answer for {photo.name}: {error!r}")
+            else:
+                try:
+                    check(response, photo)
+                except (AssertionError, KeyError, TypeError, ValueError) as error:
+                    response.failure(f"wrong answer for {photo.name}: {error!r}")
+        if response.status_code == RETRIED_STATUS and PAUSE_AFTER_503:
+            time.sleep(PAUSE_AFTER_503)  # after the with-block: not part of the request's time
+        return None
 
     def _raw(self, endpoint: str, name: str, check) -> None:
         photo = self.random.choice(PHOTOS)

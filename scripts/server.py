@@ -7,8 +7,10 @@
 ``start`` runs ``torchserve --start`` from the run folder, so its logs, PID file and
 token file (``key_file.json``) stay there, and waits until every model's workers are
 READY according to the management API: ``/ping`` says Healthy even while workers
-crash-loop. It then prints a request that works. With ``--port-base N`` the four ports
-become N..N+3 (and gRPC N+4, N+5), so a second server (tests) can run beside the first.
+crash-loop. It then prints a request that works. With ``--port-base N`` the three HTTP
+ports become N (inference), N+1 (management) and N+2 (metrics), and the two gRPC ports
+N+4 (inference) and N+5 (management); N+3 stays unused. So a second server (tests) can
+run beside the first.
 The integration tests use the same functions.
 """
 
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
-    parser.add_argument("--port-base", type=int, help="use ports N..N+5 instead of config.properties'")
+    parser.add_argument("--port-base", type=int, help="use ports N, N+1, N+2 (HTTP) and N+4, N+5 (gRPC) instead of config.properties'")
     parser.add_argument("--example-image", type=Path, default=ROOT / "build" / "samples" / "chelsea.jpg")
     args = parser.parse_args(argv)
     if args.action == "stop":

@@ -111,7 +111,7 @@ def model_store(tmp_path_factory) -> Path:
     return store
 
 
-# 18180-18185 by default, and base+10, +20, +30 for the short-lived servers of single
+# 18180-18185 by default, and base+10, +20, +30, +40 for the short-lived servers of single
 # tests: clear of TorchServe's defaults (8080-8082, 7070-7071). Another base lets two
 # checkouts run their suites side by side.
 INTEGRATION_PORT_BASE = int(os.environ.get("DVE_TEST_PORT_BASE", "18180"))

@@ -17,6 +17,7 @@ from scripts import server as ts_server
 from scripts.server import ROOT, read_properties
 from tests.conftest import INTEGRATION_PORT_BASE
 from tests.test_integration import post, worker_pids
+from tests.test_limits import largest_png  # noqa: F401  (a fixture: the largest image the handler accepts)
 
 MODEL = "efficientnet_lite0"
 DEPLOY = ROOT / "deploy" / "kserve"
@@ -86,6 +87,13 @@ def test_each_input_tensor_is_answered_and_a_bad_one_sets_the_status(kserve, pho
     assert outputs["bad"] == {"code": 400, "type": "BadRequest", "message": "'image' is not valid base64"}
     assert outputs["floats"]["code"] == 400 and "datatype 'FP32'" in outputs["floats"]["message"]
     assert worker_pids(kserve, MODEL) == pids
+
+
+def test_the_largest_image_reaches_the_handler_as_a_v2_tensor(kserve, largest_png):  # noqa: F811
+    """20 MiB - 1 byte of PNG, base64 in a BYTES tensor: under max_request_size, answered by the handler."""
+    response = infer(kserve, {"id": "big", "inputs": [image_tensor("photo", largest_png, topk=1, explanations=[])]})
+    assert response.status_code == 200, response.text[:300]
+    assert json.loads(response.json()["outputs"][0]["data"][0])["image"] == {"width": 2640, "height": 2640}
 
 
 def test_a_body_the_envelope_cannot_read_fails_alone(kserve, photos):

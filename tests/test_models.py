@@ -69,3 +69,36 @@ def test_build_mar_sets_dve_parameters_and_refuses_bad_ones():
     for pairs, message in [(["sigma"], "KEY=VALUE"), (["sigma_low=two"], "not a number"), (["sigmaa=1"], "unknown DVE parameter"), (["psi=median"], "psi must be one of")]:
         with pytest.raises(BuildError, match=message):
             dve_params(pairs)
+
+
+# Which torchvision classifiers answer class_conditional (random weights: the question is
+# the architecture's head, not what it learned). It needs the model's last nn.Linear to
+# read the explained layer's channels directly (handler.layers.find_classifier).
+CLASS_CONDITIONAL = [
+    ("mobilenet_v2", True),  # features -> pool -> Dropout, Linear(1280, 1000)
+    ("mobilenet_v3_small", False),  # pool -> Linear(576, 1024), Hardswish, Dropout, Linear(1024, 1000)
+    ("mobilenet_v3_large", False),  # pool -> Linear(960, 1280), Hardswish, Dropout, Linear(1280, 1000)
+    ("resnet18", True),  # pool -> fc: Linear(512, 1000)
+    ("efficientnet_b0", True),  # pool -> Dropout, Linear(1280, 1000)
+    ("densenet121", True),  # relu, pool -> Linear(1024, 1000)
+]
+
+
+@pytest.mark.parametrize("architecture, supported", CLASS_CONDITIONAL)
+def test_which_models_answer_class_conditional(architecture, supported, photos):
+    from handler.config import ServingConfig
+    from handler.explainer import Explainer
+    from handler.options import ParsedRequest, RequestOptions
+
+    torch.manual_seed(0)
+    explainer = Explainer(build_model(architecture, 1000), ServingConfig(architecture=architecture), imagenet_labels(), torch.device("cpu"))
+    asked = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True))
+    plain = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))
+    conditional, ordinary = explainer.run([asked, plain])
+    assert ordinary.status == 200  # every one of them explains the paper's way
+    if supported:
+        assert conditional.status == 200, conditional.body
+        assert conditional.body["explained_class"] == conditional.body["predictions"][0]
+    else:
+        assert conditional.status == 400
+        assert conditional.body["message"].startswith("class_conditional needs a linear classifier")

@@ -87,6 +87,7 @@ def test_defaults_listen_on_loopback_with_tokens_on_and_registration_off():
     assert properties["grpc_inference_address"] == properties["grpc_management_address"] == "127.0.0.1"
     assert properties["disable_token_authorization"] == "false"
     assert properties["enable_model_api"] == "false"
+    assert properties["token_expiration_min"] == "60"  # pinned, not TorchServe's default
 
 
 def test_the_server_may_load_archives_from_its_model_store_only(server, model_store):
