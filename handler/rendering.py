@@ -159,7 +159,7 @@ def overlay(photo: Image.Image | np.ndarray, map_u8: np.ndarray) -> np.ndarray:
         if photo.size != (width, height):
             photo = photo.resize((width, height), OVERLAY_RESAMPLING)
         photo = np.array(photo.convert("RGB"))
-    return blend(torch.from_numpy(np.ascontiguousarray(map_u8)), torch.from_numpy(np.ascontiguousarray(photo))).numpy()
+    return blend(torch.from_numpy(np.array(map_u8, dtype=np.uint8)), torch.from_numpy(np.array(photo, dtype=np.uint8))).numpy()
 
 
 def draw(drawings: list[Drawing]) -> list[np.ndarray | Exception]:
