@@ -59,7 +59,7 @@ class Limits:
     max_map_size: int = 4096
     max_array_values: int = 1024 * 1024
     max_rendered_pixels: int = 12_000_000
-    max_response_bytes: int = 16 * 1024 * 1024
+    max_response_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)

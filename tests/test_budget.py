@@ -47,7 +47,7 @@ def test_every_map_counts_and_an_overlay_counts_its_rgb():
 def test_original_obeys_max_map_size_with_a_413_naming_what_fits():
     geometry = CropGeometry.centre_crop(6000, 4000, 256, 224)
     options = RequestOptions(5, ("dve",), "png", None)
-    limits = Limits(max_map_size=4096, max_rendered_pixels=8_000_000)
+    limits = Limits(max_map_size=4096, max_rendered_pixels=8_000_000, max_response_bytes=64 << 20)
     with pytest.raises(budget.RequestError, match="'original' means maps of 6000 x 4000") as caught:
         budget.check(options, geometry, limits, decoded_pixels=0, stages=5, label_chars=20)
     assert caught.value.status == 413
