@@ -87,33 +87,30 @@ def bicubic_weights(out_n: int, full: float, start: float, side: float, n_in: in
     Output pixel i is centred at ``(i + 0.5) * full / out_n`` original pixels; the crop
     spans ``[start, start + side]``. Rows of pixels outside the crop are zero.
     """
-    geometry = torch.tensor([[full, start, side]], dtype=torch.float64, device=device)
-    return batched_bicubic_weights(out_n, geometry, n_in)[0]
+    return batched_bicubic_weights(out_n, np.array([[full, start, side]], dtype=np.float64), n_in, device)[0]
 
 
-def batched_bicubic_weights(out_n: int, geometry: torch.Tensor, n_in: int) -> torch.Tensor:
-    """``bicubic_weights`` for G crops at once: ``geometry`` is G x 3 (full, start, side) -> G x out_n x n_in."""
-    full, start, side = geometry.unbind(dim=1)
-    pixels = torch.arange(out_n, device=geometry.device, dtype=torch.float64) + 0.5
-    centres = pixels[None, :] * (full / out_n)[:, None]
+def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device: torch.device) -> torch.Tensor:
+    """``bicubic_weights`` for G crops at once: ``geometry`` is G x 3 (full, start, side) -> G x out_n x n_in.
+
+    Computed with numpy on the host (a few dozen operations on small arrays, where each
+    of PyTorch's costs more than numpy's), then moved to ``device``.
+    """
+    full, start, side = geometry.T
+    centres = (np.arange(out_n) + 0.5)[None, :] * (full / out_n)[:, None]
     grid = 2.0 * (centres - start[:, None]) / side[:, None] - 1.0
     source = ((grid + 1.0) * n_in - 1.0) / 2.0  # grid_sample's unnormalisation, align_corners=False
-    base = source.floor()
-    t = source - base
+    base = np.floor(source)
+    t = (source - base)[..., None]
     a = _CUBIC_A
-    taps = torch.stack(
-        [
-            ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-            ((a + 2) * t - (a + 3)) * t * t + 1,
-            ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-            ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a,
-        ],
-        dim=-1,
-    )
-    index = (base.long()[..., None] + torch.arange(-1, 3, device=geometry.device)).clamp_(0, n_in - 1)  # border padding
-    weights = torch.zeros(*grid.shape, n_in, device=geometry.device, dtype=torch.float64).scatter_add_(-1, index, taps)
-    weights[grid.abs() > 1.0] = 0.0
-    return weights.float()
+    offsets = np.array([1.0, 0.0, -1.0, -2.0])  # distance from each of the 4 taps: t + 1, t, 1 - t, 2 - t
+    x = np.abs(t + offsets)
+    taps = np.where(x <= 1.0, ((a + 2) * x - (a + 3)) * x * x + 1, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a)
+    index = np.clip(base.astype(np.int64)[..., None] + np.arange(-1, 3), 0, n_in - 1)  # border padding
+    weights = np.zeros((*grid.shape, n_in))
+    np.add.at(weights, (*np.indices(index.shape)[:2], index), taps)
+    weights[np.abs(grid) > 1.0] = 0.0
+    return torch.from_numpy(weights.astype(np.float32)).to(device, non_blocking=True)
 
 
 def to_uint8(map01: torch.Tensor) -> torch.Tensor:
@@ -198,11 +195,9 @@ def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[
     h, w = first.grid.shape
     device = first.grid.device
     group = [drawings[i] for i in members]
-    places = torch.tensor(
-        [(d.geometry.height, d.geometry.top, d.geometry.width, d.geometry.left, d.geometry.side) for d in group], dtype=torch.float64
-    ).to(device)
-    rows = batched_bicubic_weights(out_h, places[:, [0, 1, 4]], h)
-    columns = batched_bicubic_weights(out_w, places[:, [2, 3, 4]], w)
+    places = np.array([(d.geometry.height, d.geometry.top, d.geometry.width, d.geometry.left, d.geometry.side) for d in group], dtype=np.float64)
+    rows = batched_bicubic_weights(out_h, places[:, [0, 1, 4]], h, device)
+    columns = batched_bicubic_weights(out_w, places[:, [2, 3, 4]], w, device)
     pictures = (rows @ torch.stack([d.grid.float() for d in group]) @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
     blocks = []
     for fmt in ("array", "png", "overlay"):
