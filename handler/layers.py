@@ -281,10 +281,12 @@ def find_classifier(model: nn.Module, channels: int, num_classes: int) -> nn.Lin
     """The model's linear classifier, if it reads the explained maps' channels directly.
 
     That is the last ``nn.Linear`` of the model when it maps ``channels`` features to
-    ``num_classes`` (global pooling + linear head: ResNet, EfficientNet, MobileNet,
+    ``num_classes`` (global pooling + linear head: ResNet, EfficientNet, MobileNetV2,
     DenseNet). Its row for class c then weighs each feature map's contribution to c,
     which the class-conditional DVE needs. None otherwise: VGG-16's classifier, for
-    one, reads 25,088 flattened features through two hidden layers.
+    one, reads 25,088 flattened features through two hidden layers, and MobileNetV3's
+    head is two linear layers. (DenseNet's ReLU and ConvNeXt's LayerNorm between the
+    pooling and the linear layer make the weighting an approximation there.)
     """
     linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
     if linears and (linears[-1].in_features, linears[-1].out_features) == (channels, num_classes):
