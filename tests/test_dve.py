@@ -208,3 +208,17 @@ def test_compiled_dve_falls_back_to_eager_for_good(monkeypatch):
     features = torch.rand(2, 16, 7, 7, generator=torch.Generator().manual_seed(0))
     got = compiled(features, DVEParams(), (224, 224), None)
     assert compiled.failed and torch.equal(got.dve, explain(features, DVEParams(), (224, 224)).dve)
+
+
+def test_upsampling_for_the_box_equals_bicubic_interpolation():
+    """The box's upsampling (two cached matrix products) is F.interpolate's bicubic, so the boxes do not move."""
+    import torch.nn.functional as F
+
+    maps = dve.normalize_maps(torch.rand(4, 7, 7, generator=torch.Generator().manual_seed(5)) ** 3)
+    expected = F.interpolate(maps.unsqueeze(1), size=(224, 224), mode="bicubic", align_corners=False).squeeze(1).clamp(0.0, 1.0)
+    got = dve.upsample_maps(maps, (224, 224))
+    assert (got - expected).abs().max() < 1e-5
+    for threshold in (0.2, 0.5):
+        boxes, _ = dve.salient_boxes(got, threshold)
+        reference, _ = dve.salient_boxes(expected, threshold)
+        assert (boxes - reference).abs().max() <= 1
