@@ -260,10 +260,11 @@ def salient_boxes(maps: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
     height, width = maps.shape[-2:]
     peak = maps.flatten(1).amax(dim=1)
     valid = peak > 0
-    mask = maps >= (threshold * peak)[:, None, None]
-    mask &= valid[:, None, None]
-    cols = mask.any(dim=1).to(torch.uint8)  # B x W
-    rows = mask.any(dim=2).to(torch.uint8)  # B x H
+    level = (threshold * peak)[:, None]
+    # A column (row) holds a pixel at or above the level exactly when its maximum does:
+    # two reductions instead of a full-size mask.
+    cols = ((maps.amax(dim=1) >= level) & valid[:, None]).to(torch.uint8)  # B x W
+    rows = ((maps.amax(dim=2) >= level) & valid[:, None]).to(torch.uint8)  # B x H
     x0 = cols.argmax(dim=1)
     x1 = width - cols.flip(1).argmax(dim=1)
     y0 = rows.argmax(dim=1)
