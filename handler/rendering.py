@@ -107,8 +107,8 @@ def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device:
     x = np.abs(t + offsets)
     taps = np.where(x <= 1.0, ((a + 2) * x - (a + 3)) * x * x + 1, ((a * x - 5 * a) * x + 8 * a) * x - 4 * a)
     index = np.clip(base.astype(np.int64)[..., None] + np.arange(-1, 3), 0, n_in - 1)  # border padding
-    weights = np.zeros((*grid.shape, n_in))
-    np.add.at(weights, (*np.indices(index.shape)[:2], index), taps)
+    # Each cell's weight sums the taps that land on it (clamped taps share a border cell).
+    weights = np.einsum("gok,gokn->gon", taps, index[..., None] == np.arange(n_in))
     weights[np.abs(grid) > 1.0] = 0.0
     return torch.from_numpy(weights.astype(np.float32)).to(device, non_blocking=True)
 
