@@ -12,7 +12,6 @@ difference stays under 3 levels: the same photo, filtered slightly differently.
 from __future__ import annotations
 
 import copy
-import io
 
 import numpy as np
 import pytest
