@@ -172,7 +172,8 @@ def decode_scale(width: int, height: int, short_side: int | None, cover: tuple[i
 
 
 def decode(opened: OpenedImage, scale: float = 1.0) -> DecodedImage:
-    """Decodes a checked image into upright 8-bit RGB at about ``scale`` of its size, or more.
+    """Decodes a checked image into upright 8-bit RGB at about ``scale`` of its size, or more
+    (a JPEG at reduced scale only once ``opened.plan(scale)`` has set that up).
 
     Grayscale, palette, CMYK, 16-bit and float images are converted; transparent pixels
     are composited on white. A large image is reduced (box filter, integer factor) to no
@@ -184,7 +185,6 @@ def decode(opened: OpenedImage, scale: float = 1.0) -> DecodedImage:
         MemoryError: never turned into a 400: the caller answers it as a server problem.
     """
     try:
-        opened.plan(scale)
         image = opened.image
         image.load()
         wanted = scale * max(opened.width, opened.height) / max(image.width, image.height)
@@ -204,7 +204,9 @@ def decode(opened: OpenedImage, scale: float = 1.0) -> DecodedImage:
 def decode_image(data: bytes, *, max_pixels: int, short_side: int | None = None) -> DecodedImage:
     """``open_image`` then ``decode``: the whole image, or just enough for a ``short_side`` resize."""
     opened = open_image(data, max_pixels=max_pixels)
-    return decode(opened, decode_scale(opened.width, opened.height, short_side))
+    scale = decode_scale(opened.width, opened.height, short_side)
+    opened.plan(scale)
+    return decode(opened, scale)
 
 
 def _to_rgb(image: Image.Image, factor: int) -> Image.Image:

@@ -68,32 +68,32 @@ class Drawing:
 
 
 def render_maps(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int]) -> torch.Tensor:
-    """Draws maps of the crop (C x h x w, in [0, 1]) over the whole original image.
+    """Draws maps of one crop (C x h x w, in [0, 1]) over the whole original image.
 
     Returns:
         ``C x height x width`` tensor in [0, 1] on the maps' device: bicubic inside the
         crop (sampled at each output pixel's centre), zero where the model saw nothing.
     """
+    place = (geometry.height, geometry.top, geometry.width, geometry.left, geometry.side)
+    return _render(maps, np.array([place] * len(maps), dtype=np.float64), size)
+
+
+def _render(grids: torch.Tensor, places: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """G maps (G x h x w), each over its own crop: ``places`` is G x 5 (height, top, width,
+    left, side) in original pixels. One batched ``rows @ map @ columns.T``: G x height x width."""
     out_w, out_h = size
-    _, h, w = maps.shape
-    rows = bicubic_weights(out_h, geometry.height, geometry.top, geometry.side, h, maps.device)
-    columns = bicubic_weights(out_w, geometry.width, geometry.left, geometry.side, w, maps.device)
-    return (rows @ maps.float() @ columns.T).clamp_(0.0, 1.0)
-
-
-def bicubic_weights(out_n: int, full: float, start: float, side: float, n_in: int, device: torch.device) -> torch.Tensor:
-    """``out_n x n_in`` weights sampling a crop of ``n_in`` cells along one axis.
-
-    Output pixel i is centred at ``(i + 0.5) * full / out_n`` original pixels; the crop
-    spans ``[start, start + side]``. Rows of pixels outside the crop are zero.
-    """
-    return batched_bicubic_weights(out_n, np.array([[full, start, side]], dtype=np.float64), n_in, device)[0]
+    _, h, w = grids.shape
+    rows = batched_bicubic_weights(out_h, places[:, [0, 1, 4]], h, grids.device)
+    columns = batched_bicubic_weights(out_w, places[:, [2, 3, 4]], w, grids.device)
+    return (rows @ grids.float() @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
 
 
 def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device: torch.device) -> torch.Tensor:
-    """``bicubic_weights`` for G crops at once: ``geometry`` is G x 3 (full, start, side) -> G x out_n x n_in.
+    """``out_n x n_in`` weights sampling a crop of ``n_in`` cells along one axis, for G crops at once.
 
-    Computed with numpy on the host (a few dozen operations on small arrays, where each
+    ``geometry`` is G x 3 (full, start, side): output pixel i is centred at
+    ``(i + 0.5) * full / out_n`` original pixels, the crop spans ``[start, start + side]``;
+    rows of pixels outside the crop are zero. Returns G x out_n x n_in. Computed with numpy on the host (a few dozen operations on small arrays, where each
     of PyTorch's costs more than numpy's), then moved to ``device``.
     """
     full, start, side = geometry.T
@@ -190,15 +190,10 @@ def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[
     Returns blocks of (drawing indices, their pictures stacked): float maps for ``array``,
     uint8 levels for ``png``, uint8 RGB for ``overlay``.
     """
-    first = drawings[members[0]]
-    out_w, out_h = first.size
-    h, w = first.grid.shape
-    device = first.grid.device
     group = [drawings[i] for i in members]
+    device = group[0].grid.device
     places = np.array([(d.geometry.height, d.geometry.top, d.geometry.width, d.geometry.left, d.geometry.side) for d in group], dtype=np.float64)
-    rows = batched_bicubic_weights(out_h, places[:, [0, 1, 4]], h, device)
-    columns = batched_bicubic_weights(out_w, places[:, [2, 3, 4]], w, device)
-    pictures = (rows @ torch.stack([d.grid.float() for d in group]) @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
+    pictures = _render(torch.stack([d.grid for d in group]), places, group[0].size)
     blocks = []
     for fmt in ("array", "png", "overlay"):
         chosen = [k for k, d in enumerate(group) if d.format == fmt]
