@@ -11,15 +11,27 @@
 #   make figures   the paper's Fig. 4/5 (grid) and Fig. 6 (blur sweep) as PNGs in build/figures/
 #   make stages  Fig. 7: DVE at every stage of the model, build/figures/stages.png
 
-PYTHON ?= python3.11
+# The Python to build the environment with; unset, scripts/prereqs.sh takes the first
+# of python3.11, python3.12 and python3 that is 3.11 or 3.12.
+PYTHON ?=
 VENV ?= .venv
+# Every port this project opens moves with PORT_BASE (N): the server's inference N,
+# management N+1, metrics N+2, the demo page N+3, gRPC N+4 and N+5; the tests' servers
+# N+10100.., the load tests' N+20000.. Unset: config.properties' ports (8080, 8081, 8082;
+# gRPC 7070, 7071) and the bases as if N were 8080.
+PORT_BASE ?=
+export PORT_BASE
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: serve stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase overload install install-dev archives samples clean
+.PHONY: prereqs serve stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase overload install install-dev archives samples clean
 
-$(VENV)/.runtime: requirements.txt
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# Python 3.11/3.12, Java 17+ and the disk an install needs, each missing one named in a
+# line, before anything is installed; creates the environment if it is not there.
+prereqs:
+	@PYTHON="$(PYTHON)" bash scripts/prereqs.sh $(VENV)
+
+$(VENV)/.runtime: requirements.txt | prereqs
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	@touch $@
 
