@@ -35,7 +35,7 @@ from loadtest.run import OURS, start_locust  # noqa: E402
 from scripts import build_mar  # noqa: E402
 from scripts import server as ts_server  # noqa: E402
 
-PORT_BASE = 28180
+PORT_BASE = ts_server.port_base(ts_server.FAULTS_OFFSET)  # PORT_BASE + offset: one setting moves every port
 SLOW = "efficientnet_lite0_slow"  # responseTimeout of 2 s and no budget to speak of, for the timeout fault
 # The default limits keep every request far under a second of work; the slow archive lifts
 # them on purpose, so that one request can outlast its responseTimeout.

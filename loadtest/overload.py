@@ -51,7 +51,7 @@ from loadtest.run import OURS, percentile, start_locust  # noqa: E402
 from scripts import build_mar  # noqa: E402
 from scripts import server as ts_server  # noqa: E402
 
-PORT_BASE = 29000
+PORT_BASE = ts_server.port_base(ts_server.OVERLOAD_OFFSET)  # PORT_BASE + offset: one setting moves every port
 TORCHSERVE_DEFAULT_QUEUE = 100
 STORE = ROOT / "build" / "overload" / "model_store"
 RUN_DIR = ROOT / "build" / "overload" / "server"

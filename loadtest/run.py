@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from scripts import build_mar  # noqa: E402
 from scripts import server as ts_server  # noqa: E402
 
-PORT_BASE = 28080
+PORT_BASE = ts_server.port_base(ts_server.LOADTEST_OFFSET)  # PORT_BASE + offset: one setting moves every port
 OURS, NO_MAPS, STOCK = "efficientnet_lite0", "efficientnet_lite0_noexplain", "efficientnet_lite0_stock"
 TARGETS = {  # scenario -> (model, label)
     "stock": (STOCK, "(a) stock image_classifier, prediction only"),

@@ -50,7 +50,7 @@ from scripts import build_mar  # noqa: E402
 from scripts.explain import load_archive  # noqa: E402
 from scripts import server as ts_server  # noqa: E402
 
-PORT_BASE = 28280
+PORT_BASE = ts_server.port_base(ts_server.WORSTCASE_OFFSET)  # PORT_BASE + offset: one setting moves every port
 MODEL = "efficientnet_lite0"
 BUILD = ROOT / "build" / "worstcase"
 ASPECT = 4 / 3  # the images' width over height: a camera's

@@ -7,11 +7,17 @@
 ``start`` runs ``torchserve --start`` from the run folder, so its logs, PID file and
 token file (``key_file.json``) stay there, and waits until every model's workers are
 READY according to the management API: ``/ping`` says Healthy even while workers
-crash-loop. It then prints a request that works. With ``--port-base N`` the three HTTP
-ports become N (inference), N+1 (management) and N+2 (metrics), and the two gRPC ports
-N+4 (inference) and N+5 (management); N+3 stays unused. So a second server (tests) can
-run beside the first.
-The integration tests use the same functions.
+crash-loop. It then prints a request that works; if the server of that run folder is
+already up, it prints the same and exits 0.
+
+Ports: with ``--port-base N`` (default: the ``PORT_BASE`` environment variable, which
+``make`` passes on) the three HTTP ports become N (inference), N+1 (management) and N+2
+(metrics), and the two gRPC ports N+4 (inference) and N+5 (management); N+3 is the demo
+page's. Without either, config.properties' ports. Every other server this project starts
+(tests, load tests) takes its base as an offset from the same ``PORT_BASE``
+(:func:`port_base`), so one setting moves them all. A port that is taken is named before
+TorchServe starts, with the process holding it where the system shows it.
+The integration tests and load tests use the same functions.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +42,17 @@ DEFAULT_CONFIG = ROOT / "config.properties"
 DEFAULT_RUN_DIR = ROOT / "build" / "serve"
 DEFAULT_STORE = ROOT / "model_store"
 KEY_FILE = "key_file.json"
+
+# Ports: each server uses its base .. base+5. The bases are offsets from PORT_BASE.
+DEFAULT_PORT_BASE = 8080
+DEMO_OFFSET = 3
+TESTS_OFFSET = 10100
+LOADTEST_OFFSET = 20000
+FAULTS_OFFSET = 20100
+WORSTCASE_OFFSET = 20200
+OVERLOAD_OFFSET = 20920
+# The highest base whose servers (the overload test's N+20920+5 at most) fit under 65536.
+MAX_PORT_BASE = 65535 - OVERLOAD_OFFSET - 5
 
 
 class ServerError(RuntimeError):
@@ -62,6 +80,22 @@ class Server:
     @property
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
+
+
+def requested_port_base() -> int | None:
+    """``PORT_BASE`` from the environment, or None if unset; exits with a message if invalid."""
+    text = os.environ.get("PORT_BASE", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or not 1024 <= int(text) <= MAX_PORT_BASE:
+        raise SystemExit(f"error: PORT_BASE={text[:20]!r} is not a port from 1024 to {MAX_PORT_BASE} (the load tests use PORT_BASE + {OVERLOAD_OFFSET + 5})")
+    return int(text)
+
+
+def port_base(offset: int = 0) -> int:
+    """The base port of one of this project's servers: ``PORT_BASE`` (default 8080) + ``offset``."""
+    base = requested_port_base()
+    return (DEFAULT_PORT_BASE if base is None else base) + offset
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -127,6 +161,27 @@ def _environment(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str
     return env
 
 
+def _server(run_dir: Path, settings: Mapping[str, str]) -> Server:
+    return Server(
+        run_dir,
+        settings["inference_address"],
+        settings["management_address"],
+        settings["metrics_address"],
+        int(settings.get("grpc_inference_port", "7070")),
+    )
+
+
+def running_server(run_dir: Path = DEFAULT_RUN_DIR) -> Server | None:
+    """The TorchServe started from ``run_dir`` if it still runs (its addresses from the config it was given), else None."""
+    run_dir = Path(run_dir).resolve()
+    if not _running(run_dir):
+        return None
+    try:
+        return _server(run_dir, read_properties(run_dir / "config.properties"))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def start(
     models: list[str],
     *,
@@ -150,13 +205,10 @@ def start(
     if missing:
         raise ServerError(f"no archive for {missing} in {model_store}: build it with scripts/build_mar.py")
     config_file, settings = write_config(Path(config), run_dir, port_base, model_store, properties)
-    server = Server(
-        run_dir,
-        settings["inference_address"],
-        settings["management_address"],
-        settings["metrics_address"],
-        int(settings.get("grpc_inference_port", "7070")),
-    )
+    server = _server(run_dir, settings)
+    busy = busy_ports_message(settings)
+    if busy:
+        raise ServerError(busy)
     command = [
         _torchserve(),
         "--start",
@@ -174,6 +226,84 @@ def start(
         stop(run_dir)
         raise
     return server
+
+
+def listening_ports(settings: Mapping[str, str]) -> list[tuple[str, int]]:
+    """The (role, port) pairs TorchServe listens on with ``settings``."""
+    def port(address: str) -> int:
+        return int(address.rstrip("/").rsplit(":", 1)[1])
+
+    return [
+        ("inference", port(settings["inference_address"])),
+        ("management", port(settings["management_address"])),
+        ("metrics", port(settings["metrics_address"])),
+        ("gRPC inference", int(settings.get("grpc_inference_port", "7070"))),
+        ("gRPC management", int(settings.get("grpc_management_port", "7071"))),
+    ]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on ``port`` on loopback now (as TorchServe does, reusing TIME_WAIT)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def port_holder(port: int) -> str | None:
+    """``pid N (command line)`` of the process listening on TCP ``port``, where /proc shows it.
+
+    Linux lists listening sockets in /proc/net/tcp{,6} (state 0A) with their inode, and
+    each process's open sockets as /proc/<pid>/fd links to ``socket:[inode]``; another
+    user's processes are not readable unless we are root, and then None.
+    """
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{fields[9]}]")
+    if not sockets:
+        return None
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in sockets for fd in (process / "fd").iterdir()):
+                command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                return f"pid {process.name} ({command[:100]})"
+        except OSError:
+            continue
+    return None
+
+
+def free_port_base(start: int = DEFAULT_PORT_BASE + 1000, step: int = 1000) -> int | None:
+    """The first base from ``start`` (in ``step``s) whose six ports are free, for the advice."""
+    for base in range(start, MAX_PORT_BASE + 1, step):
+        if all(port_is_free(base + offset) for offset in range(6)):
+            return base
+    return None
+
+
+def busy_ports_message(settings: Mapping[str, str]) -> str | None:
+    """One line naming the ports of ``settings`` that are taken, by whom, and the way out; None if all are free."""
+    taken = []
+    for role, port in listening_ports(settings):
+        if not port_is_free(port):
+            holder = port_holder(port)
+            taken.append(f"port {port} ({role}) is in use by {holder}" if holder else f"port {port} ({role}) is in use (the system does not show by which process; try `ss -ltnp`)")
+    if not taken:
+        return None
+    free = free_port_base()
+    advice = f"e.g. PORT_BASE={free} (make serve PORT_BASE={free})" if free else "PORT_BASE=N"
+    return f"{'; '.join(taken)}: stop it, or move every port of this project with {advice}"
 
 
 def _get(url: str, token: str | None) -> tuple[int, bytes]:
@@ -200,6 +330,18 @@ def _load_failure(server: Server, model: str) -> str | None:
     return errors[-1] if errors else "the worker died while loading"
 
 
+def _exit_reason(server: Server) -> str:
+    """Why TorchServe exited at start-up, in one line where its log says (a port taken meanwhile), and where to look."""
+    where = f"see {server.run_dir}/torchserve.out and {server.log_dir}/ts_log.log"
+    try:
+        log = (server.log_dir / "ts_log.log").read_text(errors="replace")
+    except OSError:
+        log = ""
+    if "Address already in use" in log:
+        return f"TorchServe exited: a port was taken by another process while it started ({where}); {busy_ports_message(read_properties(server.run_dir / 'config.properties')) or 'try again'}"
+    return f"TorchServe exited; {where}"
+
+
 def wait_ready(server: Server, models: list[str], timeout: float) -> None:
     """Polls the management API until it answers and each model has a READY worker; fails fast if one cannot load."""
     deadline = time.monotonic() + timeout
@@ -208,7 +350,7 @@ def wait_ready(server: Server, models: list[str], timeout: float) -> None:
         if time.monotonic() > deadline:
             raise ServerError(f"models {pending} not READY after {timeout:.0f} s; see {server.log_dir}/model_log.log and ts_log.log")
         if not _running(server.run_dir):
-            raise ServerError(f"TorchServe exited; see {server.run_dir}/torchserve.out and {server.log_dir}/ts_log.log")
+            raise ServerError(_exit_reason(server))
         failure = _load_failure(server, pending[0]) if pending else None
         if failure:
             raise ServerError(f"model {pending[0]} failed to load: {failure} (full log: {server.log_dir}/model_log.log)")
@@ -269,6 +411,13 @@ def example_request(server: Server, model: str, image: Path) -> str:
     )
 
 
+def _print_usage(server: Server, models: list[str], image: Path) -> None:
+    print(f"models READY: {', '.join(models)}\n\nTry it:\n")
+    print(example_request(server, models[0], image.resolve()))
+    url = "" if server.inference_url == f"http://127.0.0.1:{DEFAULT_PORT_BASE}" else f" --url {server.inference_url}"
+    print(f"\nor, to print the answer and save the maps as PNG files:\n\n  .venv/bin/python scripts/client.py {image}{url} --out build/client")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["start", "stop"])
@@ -276,24 +425,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
-    parser.add_argument("--port-base", type=int, help="use ports N, N+1, N+2 (HTTP) and N+4, N+5 (gRPC) instead of config.properties'")
+    parser.add_argument(
+        "--port-base", type=int, help="use ports N, N+1, N+2 (HTTP) and N+4, N+5 (gRPC); default: $PORT_BASE, else config.properties' ports"
+    )
     parser.add_argument("--example-image", type=Path, default=ROOT / "build" / "samples" / "chelsea.jpg")
     args = parser.parse_args(argv)
     if args.action == "stop":
         print("TorchServe stopped" if stop(args.run_dir) else f"no TorchServe running from {args.run_dir}")
         return 0
-    if _running(args.run_dir.resolve()):
-        print(f"TorchServe already runs from {args.run_dir}; `make stop` first to restart it", file=sys.stderr)
-        return 1
+    port_base = args.port_base if args.port_base is not None else requested_port_base()
+    running = running_server(args.run_dir)
+    if running:
+        print(f"TorchServe is already up at {running.inference_url} (started from {running.run_dir}; `make stop` stops it)")
+        if port_base is not None and running.inference_url != f"http://127.0.0.1:{port_base}":
+            print(f"note: it keeps its ports; to move it to PORT_BASE={port_base}, `make stop` first")
+        try:
+            wait_ready(running, args.models, timeout=300)
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        _print_usage(running, args.models, args.example_image)
+        return 0
     try:
-        server = start(args.models, run_dir=args.run_dir, config=args.config, model_store=args.model_store, port_base=args.port_base)
+        server = start(args.models, run_dir=args.run_dir, config=args.config, model_store=args.model_store, port_base=port_base)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"TorchServe is up at {server.inference_url} (logs and key_file.json in {server.run_dir})")
-    print(f"models READY: {', '.join(args.models)}\n\nTry it:\n")
-    print(example_request(server, args.models[0], args.example_image.resolve()))
-    print(f"\nor, to save the maps as PNG files:\n\n  .venv/bin/python scripts/client.py {args.example_image} --out build/client")
+    _print_usage(server, args.models, args.example_image)
     return 0
 
 

@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts import server as ts_server  # noqa: E402  (the same start/stop and ports as `make serve`)
+
 
 def encode(array_or_image, fmt: str = "JPEG", **save_args) -> bytes:
     """Image bytes of a numpy array or PIL image."""
@@ -111,17 +113,16 @@ def model_store(tmp_path_factory) -> Path:
     return store
 
 
-# 18180-18185 by default, and base+10, +20, +30, +40 for the short-lived servers of single
-# tests: clear of TorchServe's defaults (8080-8082, 7070-7071). Another base lets two
-# checkouts run their suites side by side.
-INTEGRATION_PORT_BASE = int(os.environ.get("DVE_TEST_PORT_BASE", "18180"))
+# PORT_BASE + 10100 (18180-18185 by default), and base+10, +20, +30, +40 for the short-lived
+# servers of single tests: clear of TorchServe's defaults (8080-8082, 7070-7071) and of
+# `make serve`. PORT_BASE moves them with every other port of the project;
+# DVE_TEST_PORT_BASE sets the tests' base alone (two checkouts side by side).
+INTEGRATION_PORT_BASE = int(os.environ.get("DVE_TEST_PORT_BASE") or ts_server.port_base(ts_server.TESTS_OFFSET))
 
 
 @pytest.fixture(scope="session")
 def server(model_store, tmp_path_factory):
     """A real TorchServe on loopback serving the three test archives; always stopped."""
-    from scripts import server as ts_server
-
     run_dir = tmp_path_factory.mktemp("torchserve")
     try:
         running = ts_server.start(
