@@ -107,7 +107,7 @@ def test_the_client_retries_503_twice_then_gets_the_answer(scripted_server):
 def test_the_client_gives_up_on_a_server_that_always_answers_503(scripted_server):
     url, seen = scripted_server([(503, {})])
     started = time.monotonic()
-    with pytest.raises(SystemExit, match="HTTP 503 from the server after 4 tries: .*queue full"):
+    with pytest.raises(client.RequestFailed, match="HTTP 503 from the server after 4 tries: .*queue full"):
         client.explain(url, "m", "token", b"image", {}, FAST)
     assert len(seen) == FAST.tries and time.monotonic() - started < FAST.budget + 1.0
 
@@ -121,14 +121,14 @@ def test_the_client_waits_as_long_as_retry_after_says(scripted_server):
 def test_the_client_does_not_wait_past_its_budget_for_retry_after(scripted_server):
     url, seen = scripted_server([(503, {"Retry-After": "120"})])
     started = time.monotonic()
-    with pytest.raises(SystemExit, match="HTTP 503 from the server: "):
+    with pytest.raises(client.RequestFailed, match="HTTP 503 from the server: "):
         client.explain(url, "m", "token", b"image", {}, FAST)
     assert len(seen) == 1 and time.monotonic() - started < 1.0
 
 
 def test_other_errors_are_not_retried(scripted_server):
     url, seen = scripted_server([(400, {}), (200, {})])
-    with pytest.raises(SystemExit, match="HTTP 400 from the server: "):
+    with pytest.raises(client.RequestFailed, match="HTTP 400 from the server: "):
         client.explain(url, "m", "token", b"image", {}, FAST)
     assert len(seen) == 1
 
