@@ -415,7 +415,9 @@ def _print_usage(server: Server, models: list[str], image: Path) -> None:
     print(f"models READY: {', '.join(models)}\n\nTry it:\n")
     print(example_request(server, models[0], image.resolve()))
     url = "" if server.inference_url == f"http://127.0.0.1:{DEFAULT_PORT_BASE}" else f" --url {server.inference_url}"
-    print(f"\nor, to print the answer and save the maps as PNG files:\n\n  .venv/bin/python scripts/client.py {image}{url} --out build/client")
+    python = Path(sys.executable)
+    python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python  # the environment make made
+    print(f"\nor, to print the answer and save the maps as PNG files:\n\n  {python} scripts/client.py {image}{url} --out build/client")
 
 
 def main(argv: list[str] | None = None) -> int:
