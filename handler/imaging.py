@@ -21,6 +21,14 @@ from PIL import Image
 
 from handler.errors import RequestError
 
+try:  # HEIC/HEIF (iPhone photos); requirements.txt installs it. The GPU check's bare machine
+    # (scripts/gpu_bundle.py: PyTorch and Pillow only) has not got it and reads every other format.
+    import pillow_heif
+except ImportError:
+    pass
+else:  # only the primary image is read: no thumbnails, depth maps or auxiliary images
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 # What each EXIF orientation takes to show the image upright (as ImageOps.exif_transpose).
@@ -152,7 +160,7 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RequestError(f"image is too large: {exc}", 413) from None
     except Image.UnidentifiedImageError:
-        raise RequestError("the data is not an image in a format the server reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)") from None
+        raise RequestError("the data is not an image in a format the server reads (JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF, GIF, ...)") from None
     except Exception as exc:  # Pillow's header parsers fail corrupt data with many exception types
         raise RequestError(f"the image is truncated or corrupt: {exc}") from None
     return OpenedImage(image, width, height, orientation)
