@@ -278,9 +278,16 @@ class Explainer:
         return prepared
 
     def decodes_on_device(self, admitted: Admitted) -> bool:
-        """Whether this request's JPEG is decoded on the model's device (CUDA, or when asked)."""
-        image = admitted.opened.image
-        return self.device_decoding and image.format == "JPEG" and image.mode in imaging.DEVICE_JPEG_MODES
+        """Whether this request's JPEG is decoded on the model's device (CUDA, or when asked).
+
+        Not one whose ICC profile asks for a colour conversion (Display P3 from a phone):
+        the device's decoder cannot apply it, Pillow does.
+        """
+        opened = admitted.opened
+        image = opened.image
+        return (
+            self.device_decoding and image.format == "JPEG" and image.mode in imaging.DEVICE_JPEG_MODES and opened.to_srgb is None
+        )
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """The model's input for a uint8 batch (B x H x W x 3): B x 3 x H x W, normalised, on its device."""

@@ -8,6 +8,7 @@ with zeros where the model saw nothing (``handler.rendering``).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 import warnings
@@ -17,9 +18,17 @@ from math import ceil, floor
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageCms
 
 from handler.errors import RequestError
+
+try:  # HEIC/HEIF (iPhone photos); requirements.txt installs it. The GPU check's bare machine
+    # (scripts/gpu_bundle.py: PyTorch and Pillow only) has not got it and reads every other format.
+    import pillow_heif
+except ImportError:
+    pass
+else:  # only the primary image is read: no thumbnails, depth maps or auxiliary images
+    pillow_heif.register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
@@ -104,12 +113,15 @@ class OpenedImage:
         image: Pillow's lazily decoding image (file orientation).
         width, height: the upright original size in pixels (after EXIF orientation).
         orientation: the EXIF orientation (1: upright as stored).
+        to_srgb: the colour conversion its embedded ICC profile asks for, None if none
+            (``srgb_transform``).
     """
 
     image: Image.Image
     width: int
     height: int
     orientation: int = 1
+    to_srgb: ImageCms.ImageCmsTransform | None = None
 
     def plan(self, scale: float) -> int:
         """Sets up decoding at ``scale`` (<= 1) of the original; returns the pixels it will decode.
@@ -152,10 +164,59 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RequestError(f"image is too large: {exc}", 413) from None
     except Image.UnidentifiedImageError:
-        raise RequestError("the data is not an image in a format the server reads (JPEG, PNG, WebP, BMP, TIFF, GIF, ...)") from None
+        raise RequestError("the data is not an image in a format the server reads (JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF, GIF, ...)") from None
     except Exception as exc:  # Pillow's header parsers fail corrupt data with many exception types
         raise RequestError(f"the image is truncated or corrupt: {exc}") from None
-    return OpenedImage(image, width, height, orientation)
+    return OpenedImage(image, width, height, orientation, srgb_transform(image))
+
+
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+# Relative colorimetric: colours inside sRGB keep their exact values and the few outside
+# (saturated P3 reds and greens) are clipped to its edge, as a camera clips the sRGB photos
+# the models were trained on; perceptual would move every colour to make room for them.
+# Display profiles (Display P3, Adobe RGB, sRGB) are matrix/TRC profiles, for which
+# LittleCMS computes both intents alike; they differ only for table-based profiles.
+INTENT = ImageCms.Intent.RELATIVE_COLORIMETRIC
+_RGB_MODES = ("RGB", "RGBA", "RGBX", "P", "PA")  # modes whose pixels an RGB profile describes
+_PROBE = Image.fromarray(  # 125 colours: 0, 64, 128, 192, 255 in each channel
+    np.stack(np.meshgrid(*[np.array([0, 64, 128, 192, 255], dtype=np.uint8)] * 3), axis=-1).reshape(1, -1, 3)
+)
+_TRANSFORMS: dict[bytes, ImageCms.ImageCmsTransform | None] = {}  # by the profile's SHA-256
+TRANSFORMS_KEPT = 32
+
+
+def srgb_transform(image: Image.Image) -> ImageCms.ImageCmsTransform | None:
+    """The conversion of ``image``'s pixels to sRGB that its embedded ICC profile asks for, or None.
+
+    None, and no conversion paid, for: no profile; a profile of sRGB (its conversion moves
+    none of 125 probe colours by more than one level); a profile that is not RGB (gray,
+    CMYK: converted as before); and a profile LittleCMS cannot read or build a
+    conversion from: such pixels are taken as sRGB, as browsers do, rather than failing
+    the request over its metadata. Conversions are kept by the profile's digest: a server
+    sees the same few profiles (Display P3 from phones, Adobe RGB from cameras) again and again.
+    """
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in _RGB_MODES:
+        return None
+    key = hashlib.sha256(icc).digest()
+    if key not in _TRANSFORMS:
+        if len(_TRANSFORMS) >= TRANSFORMS_KEPT:
+            del _TRANSFORMS[next(iter(_TRANSFORMS))]  # the oldest
+        _TRANSFORMS[key] = _conversion(icc)
+    return _TRANSFORMS[key]
+
+
+def _conversion(icc: bytes) -> ImageCms.ImageCmsTransform | None:
+    """The RGB -> sRGB conversion from profile ``icc``; None if it is sRGB, not RGB, or unreadable."""
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        if profile.profile.xcolor_space != "RGB ":
+            return None
+        transform = ImageCms.buildTransform(profile, SRGB, "RGB", "RGB", INTENT)
+        moved = np.abs(np.asarray(transform.apply(_PROBE), dtype=np.int16) - np.asarray(_PROBE, dtype=np.int16))
+    except (OSError, ValueError, ImageCms.PyCMSError):  # unreadable: the pixels are taken as sRGB
+        return None
+    return transform if moved.max() > 1 else None
 
 
 def decode_scale(width: int, height: int, short_side: int | None, cover: tuple[int, int] | None = None) -> float:
@@ -178,7 +239,9 @@ def decode(opened: OpenedImage, scale: float = 1.0) -> DecodedImage:
     Grayscale, palette, CMYK, 16-bit and float images are converted; transparent pixels
     are composited on white. A large image is reduced (box filter, integer factor) to no
     less than ``REDUCING_GAP`` times ``scale`` as it is converted, strip by strip: peak
-    memory is the decoded raster plus a strip, whatever the mode.
+    memory is the decoded raster plus a strip, whatever the mode. Then an embedded ICC
+    profile's colours are converted to sRGB, in place and on the reduced image only.
+    Of an animated image (GIF, WebP, APNG) only the first frame is decoded.
 
     Raises:
         RequestError: 400 if the data turns out truncated or corrupt.
@@ -190,6 +253,8 @@ def decode(opened: OpenedImage, scale: float = 1.0) -> DecodedImage:
         wanted = scale * max(opened.width, opened.height) / max(image.width, image.height)
         factor = max(1, floor(1.0 / (wanted * REDUCING_GAP))) if wanted < 1.0 else 1
         image = _to_rgb(image, factor)
+        if opened.to_srgb is not None:
+            opened.to_srgb.apply_in_place(image)
         if opened.orientation in _TRANSPOSES:
             image = image.transpose(_TRANSPOSES[opened.orientation])
     except (RequestError, MemoryError):

@@ -12,6 +12,7 @@ difference stays under 3 levels: the same photo, filtered slightly differently.
 from __future__ import annotations
 
 import copy
+import io
 
 import numpy as np
 import pytest
@@ -107,3 +108,23 @@ def test_nvjpeg_matches_the_cpu_decoder(photos):
     for a, b in zip(on_cpu, on_gpu):
         assert a.shape == b.shape
         assert (a.float() - b.cpu().float()).abs().mean() < 1.0  # IDCT implementations differ slightly
+
+
+def test_a_jpeg_whose_profile_asks_for_a_conversion_goes_through_pillow(lite0_explainer):
+    """nvJPEG cannot apply an ICC profile: a Display P3 JPEG is decoded by Pillow, which
+    converts it to sRGB; a JPEG with an sRGB profile (no conversion) stays on the device."""
+    from PIL import ImageCms
+
+    from tests.icc import display_profile
+
+    image = photo()
+    p3 = ImageCms.getOpenProfile(io.BytesIO(display_profile("Display P3")))
+    in_p3 = ImageCms.buildTransform(imaging.SRGB, p3, "RGB", "RGB", imaging.INTENT).apply(image)
+    p3_jpeg = encode(in_p3, "JPEG", quality=95, icc_profile=display_profile("Display P3"))
+    srgb_jpeg = encode(image, "JPEG", quality=95, icc_profile=imaging.SRGB.tobytes())
+    device = on_device(lite0_explainer)
+    assert not device.decodes_on_device(device.admit(ParsedRequest(p3_jpeg, OPTIONS)))
+    assert device.decodes_on_device(device.admit(ParsedRequest(srgb_jpeg, OPTIONS)))
+    p3_batch = device.preprocess([ParsedRequest(p3_jpeg, OPTIONS)])
+    srgb_input = lite0_explainer.prepare(ParsedRequest(srgb_jpeg, OPTIONS)).pixels
+    assert (p3_batch.pixels[0].float() - srgb_input.float()).abs().mean() < 1.5

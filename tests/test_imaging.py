@@ -1,4 +1,5 @@
-"""Decoding every kind of image, the crop geometry, and maps aligned to the original."""
+"""Decoding every kind of image (HEIC, AVIF, colour profiles, animations, tiny images), the crop
+geometry, and maps aligned to the original."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from handler import imaging
 from handler.errors import RequestError
-from handler.imaging import CropGeometry, decode_image, encode_png, model_input
+from handler.imaging import CropGeometry, decode, decode_image, decode_scale, encode_png, model_input, open_image
 from tests.conftest import encode
 
 LIMIT = 50_000_000
@@ -124,3 +126,151 @@ def test_png_encodes_what_it_is_given():
     assert np.asarray(one).tolist() == [[7]]
     with pytest.raises(ValueError):
         encode_png(np.zeros((4, 4), dtype=np.float32))
+
+
+# The photos people really send: HEIC, AVIF, colour profiles, animations, tiny images.
+
+
+@pytest.fixture(scope="module")
+def cat(photos) -> Image.Image:
+    return Image.open(io.BytesIO(photos["chelsea"])).convert("RGB")
+
+
+def upright_input(data: bytes) -> np.ndarray:
+    """The model's input (float) of an image file, decoded as the handler does it."""
+    decoded = decode_image(data, max_pixels=LIMIT, short_side=256)
+    geometry = CropGeometry.centre_crop(decoded.width, decoded.height, 256, 224)
+    return model_input(decoded, geometry).numpy().astype(np.float32)
+
+
+def test_pillow_reads_avif_and_pillow_heif_heic():
+    from PIL import features
+
+    assert features.check("avif")
+    assert "HEIF" in Image.OPEN
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_decode_upright_like_a_png(fmt):
+    image = Image.fromarray(gradient(64, 48))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    reference = decode_image(encode(image, "PNG", exif=exif), max_pixels=LIMIT)
+    opened = open_image(encode(image, fmt, quality=95, exif=exif.tobytes()), max_pixels=LIMIT)
+    assert opened.image.format == fmt and (opened.width, opened.height) == (48, 64)
+    decoded = decode(opened)
+    assert (decoded.width, decoded.height) == decoded.image.size == (48, 64)
+    assert np.abs(np.asarray(decoded.image, np.float32) - np.asarray(reference.image, np.float32)).mean() < 3.0
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_heic_and_avif_over_the_pixel_limit_are_refused_from_the_header(fmt):
+    data = encode(Image.new("RGB", (640, 480)), fmt)
+    with pytest.raises(RequestError, match="640 x 480 = 307200 pixels") as caught:
+        open_image(data, max_pixels=300_000)
+    assert caught.value.status == 413
+
+
+def test_a_display_p3_photo_gives_the_model_its_srgb_original(cat):
+    from tests.test_photos import iphone_heic, p3_jpeg
+
+    original = upright_input(encode(cat, "JPEG", quality=95))
+    converted = np.abs(upright_input(p3_jpeg(cat)) - original).mean()
+    ignored = np.abs(upright_input(p3_jpeg(cat, embed=False)) - original).mean()
+    assert converted < 1.5 < 3.0 < ignored  # measured: 0.97 against 4.39 grey levels
+    assert np.abs(upright_input(iphone_heic(cat)) - original).mean() < 1.5
+
+
+def test_an_adobe_rgb_png_gives_the_model_its_srgb_original(cat):
+    from tests.test_photos import adobe_rgb_png, in_profile
+
+    original = upright_input(encode(cat, "PNG"))
+    assert np.abs(upright_input(adobe_rgb_png(cat)) - original).mean() < 1.0
+    assert np.abs(upright_input(encode(in_profile(cat, "Adobe RGB (1998)")[0], "PNG")) - original).mean() > 3.0
+
+
+def test_a_large_p3_image_is_converted_after_its_reduction(cat):
+    from tests.test_photos import in_profile
+
+    big = cat.resize((2706, 1800), Image.Resampling.BICUBIC)
+    pixels, icc = in_profile(big, "Display P3")
+    opened = open_image(encode(pixels, "PNG", icc_profile=icc), max_pixels=LIMIT)
+    assert opened.to_srgb is not None
+    decoded = decode(opened, decode_scale(opened.width, opened.height, 256))
+    assert decoded.image.width < 2706 / 2  # reduced before its colours were converted
+    expected = big.reduce(2706 // decoded.image.width)
+    assert np.abs(np.asarray(decoded.image, np.float32) - np.asarray(expected, np.float32)).mean() < 1.0
+
+
+def test_srgb_and_absent_profiles_cost_no_conversion(cat):
+    from tests.icc import display_profile
+
+    for icc in (None, imaging.SRGB.tobytes(), display_profile("sRGB")):
+        opened = open_image(encode(cat, "JPEG", **({"icc_profile": icc} if icc else {})), max_pixels=LIMIT)
+        assert opened.to_srgb is None
+
+
+@pytest.mark.parametrize(
+    "icc",
+    [
+        b"not an ICC profile at all",
+        pytest.param("truncated", id="truncated-p3"),
+        pytest.param("no-tags", id="header-only"),
+        pytest.param("lab", id="not-rgb"),
+    ],
+)
+def test_an_unusable_profile_leaves_the_pixels_as_srgb(cat, icc):
+    from PIL import ImageCms
+
+    from tests.icc import display_profile
+
+    p3 = display_profile("Display P3")
+    icc = {
+        "truncated": p3[:300],
+        "no-tags": p3[:128] + bytes(4),
+        "lab": ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes(),
+    }.get(icc, icc)
+    plain = encode(cat, "PNG")
+    with_profile = encode(cat, "PNG", icc_profile=icc)
+    assert open_image(with_profile, max_pixels=LIMIT).to_srgb is None
+    assert np.array_equal(upright_input(with_profile), upright_input(plain))
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG"])
+def test_an_animation_decodes_its_first_frame_only(lite0_explainer, fmt):
+    """A 300-frame animation: its first frame, and only that, is decoded and counted.
+
+    Its later frames are then cut off (GIF, APNG) or corrupted (WebP, whose container
+    must stay whole): decoding still succeeds, so they were never decoded.
+    """
+    from handler.options import ParsedRequest, RequestOptions
+    from tests.test_photos import animated
+
+    data = animated(fmt)
+    if fmt == "WEBP":
+        spoilt = bytearray(data)
+        last = data.rindex(b"VP8L") + 20
+        spoilt[last : last + 200] = bytes(200)
+        broken = bytes(spoilt)
+    else:
+        broken = data[: len(data) // 2]
+    everything = Image.open(io.BytesIO(broken))
+    with pytest.raises(Exception):  # every frame at once: the damage is real
+        for frame in range(everything.n_frames):
+            everything.seek(frame)
+            everything.load()
+    for file in (data, broken):
+        decoded = decode_image(file, max_pixels=LIMIT)
+        assert decoded.image.size == (64, 48)
+        assert np.asarray(decoded.image).reshape(-1, 3).tolist() == [[200, 30, 30]] * (64 * 48)
+    admitted = lite0_explainer.admit(ParsedRequest(data, RequestOptions(5, ("dve",), "png", 224)))
+    assert admitted.cost.decoded_pixels == 64 * 48
+
+
+@pytest.mark.parametrize("size", [(1, 1), (16, 16), (1, 300), (300, 1)])
+def test_tiny_images_give_a_whole_model_input(size):
+    colour = (10, 120, 240)
+    decoded = decode_image(encode(Image.new("RGB", size, colour), "PNG"), max_pixels=LIMIT, short_side=256)
+    pixels = model_input(decoded, CropGeometry.centre_crop(*size, 256, 224))
+    assert pixels.shape == (224, 224, 3)
+    assert pixels.reshape(-1, 3).unique(dim=0).tolist() == [list(colour)]
