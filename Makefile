@@ -1,6 +1,7 @@
 # Explainable image classification on TorchServe: prediction + DVE + targeted DVE.
 #   make serve   install what is missing, build the default archive, start TorchServe
-#   make stop    stop it
+#   make stop    stop it (and the viewer page of make demo)
+#   make demo    TorchServe if it is not running, and the viewer page on port PORT_BASE+3
 #   make test    unit and integration tests (starts its own TorchServe on other ports)
 #   make bench   what explaining costs next to the prediction, measured side by side
 #   make loadtest  Locust load test and served comparison with the stock handler
@@ -24,7 +25,7 @@ export PORT_BASE
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: prereqs serve stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase overload install install-dev archives samples clean
+.PHONY: prereqs serve demo stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase overload install install-dev archives samples clean
 
 # Python 3.11/3.12, Java 17+ and the disk an install needs, each missing one named in a
 # line, before anything is installed; creates the environment if it is not there.
@@ -53,8 +54,13 @@ samples: $(VENV)/.runtime
 serve: archives samples
 	$(PY) scripts/server.py start --models efficientnet_lite0
 
+# The viewer page (viewer/index.html) at http://127.0.0.1:PORT_BASE+3/ (8083), in front of
+# the TorchServe of make serve (started here unless it runs); its pid file and log in build/demo/.
+demo: archives samples
+	$(PY) -m viewer.server start
+
 stop:
-	@if test -x $(PY); then $(PY) scripts/server.py stop; else echo "nothing to stop"; fi
+	@if test -x $(PY); then $(PY) -m viewer.server stop; $(PY) scripts/server.py stop; else echo "nothing to stop"; fi
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 test: $(VENV)/.dev

@@ -82,6 +82,7 @@ class DVEHandler:
                         defaults=config.defaults,
                         limits=config.limits,
                         num_classes=config.num_classes,
+                        labels=self.explainer.labels,
                     )
                 )
             except RequestError as error:

@@ -109,6 +109,8 @@ class Inference:
 
     Attributes:
         top_p, top_i: the most probable classes' probabilities and indices (host).
+        explained: per row, the class its class-conditional maps explain (its ``target``,
+            else its top class) and that class's probability (host).
         explanation: DVE, targeted DVE and boxes of every row (device), or None if no
             request asked for maps.
         boxes, box_valid: the salient boxes in model-input pixels, on the host.
@@ -117,6 +119,7 @@ class Inference:
 
     top_p: torch.Tensor
     top_i: torch.Tensor
+    explained: list[tuple[int, float]]
     explanation: dve.Explanation | None
     boxes: list[list[int]]
     box_valid: list[bool]
@@ -124,7 +127,7 @@ class Inference:
 
     @classmethod
     def empty(cls) -> "Inference":
-        return cls(torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long), None, [], [], {})
+        return cls(torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long), [], None, [], [], {})
 
 
 @dataclass
@@ -228,8 +231,9 @@ class Explainer:
         opened = imaging.open_image(request.image, max_pixels=config.limits.max_image_pixels)
         geometry = imaging.CropGeometry.centre_crop(opened.width, opened.height, config.resize_size, config.crop_size)
         if options.class_conditional and self.classifier is None:
+            asked = "target" if options.target is not None else "class_conditional"
             raise RequestError(
-                f"class_conditional needs a linear classifier reading the {self.feature_shape[0]} channels of the "
+                f"{asked} needs a linear classifier reading the {self.feature_shape[0]} channels of the "
                 f"explained layer {self.layer}; this model has none"
             )
         map_size = geometry.map_size(options.map_size)
@@ -378,19 +382,21 @@ class Explainer:
         probabilities = logits.float().softmax(dim=1)
         k = max(item.options.topk for item in batch)
         top_p, top_i = (t.cpu() for t in probabilities.topk(k, dim=1))
+        classes = [top_i[b, 0].item() if item.options.target is None else item.options.target for b, item in enumerate(batch)]
+        chosen = probabilities.gather(1, torch.tensor(classes, device=probabilities.device)[:, None])[:, 0].tolist()
         _sync(self.device)
         self.timings.forward = _ms_since(start)
 
         start = time.perf_counter()
         explanation, boxes, box_valid = None, [], []
         if any(item.options.explanations for item in batch):
-            explanation = self._explain(features, self.config.dve, self.input_size, self._channel_weights(batch, features, top_i[:, 0]))
+            explanation = self._explain(features, self.config.dve, self.input_size, self._channel_weights(batch, features, classes))
             boxes = explanation.boxes.cpu().tolist()
             box_valid = explanation.box_valid.cpu().tolist()
         stage_maps = self._stage_maps(stage_features, staged)
         _sync(self.device)
         self.timings.dve = _ms_since(start)
-        return Inference(top_p, top_i, explanation, boxes, box_valid, stage_maps)
+        return Inference(top_p, top_i, list(zip(classes, chosen)), explanation, boxes, box_valid, stage_maps)
 
     def postprocess(self, batch: Batch, inference: Inference | RequestError) -> list[Result]:
         """Every request's answer: its maps drawn together on the device, PNGs encoded in
@@ -459,7 +465,8 @@ class Explainer:
             "layer": str(self.layer),
         }
         if item.options.class_conditional:
-            body["explained_class"] = body["predictions"][0]
+            index, probability = inference.explained[b]
+            body["explained_class"] = {"index": index, "label": self.labels[index], "probability": round(probability, 6)}
         if "targeted_dve" in body["explanations"]:
             valid = inference.box_valid[b]
             body["explanations"]["targeted_dve"]["box"] = item.geometry.box_to_original(inference.boxes[b]) if valid else None
@@ -469,16 +476,16 @@ class Explainer:
             ]
         return body
 
-    def _channel_weights(self, batch: list[PreparedImage], features: torch.Tensor, top1: torch.Tensor) -> torch.Tensor | None:
-        """B x C weights for ``dve.explain``: the classifier's row for the top class where a
-        request asked for class-conditional maps, ones (the paper's DVE) elsewhere; None
-        when nobody asked."""
+    def _channel_weights(self, batch: list[PreparedImage], features: torch.Tensor, classes: list[int]) -> torch.Tensor | None:
+        """B x C weights for ``dve.explain``: the classifier's row for each row's explained
+        class (``classes``: its target or its top class) where a request asked for
+        class-conditional maps, ones (the paper's DVE) elsewhere; None when nobody asked."""
         rows = [b for b, item in enumerate(batch) if item.options.class_conditional]
         if not rows:
             return None
         weights = torch.ones(features.shape[:2], device=features.device)
-        classes = top1[rows].to(features.device)
-        weights[torch.tensor(rows, device=features.device)] = self.classifier.weight.detach()[classes].float()
+        chosen = torch.tensor([classes[b] for b in rows], device=features.device)
+        weights[torch.tensor(rows, device=features.device)] = self.classifier.weight.detach()[chosen].float()
         return weights
 
     def _stage_maps(self, stage_features: list[torch.Tensor], staged: list[int]) -> dict[int, list[torch.Tensor]]:

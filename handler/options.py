@@ -20,12 +20,12 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from handler.config import EXPLANATIONS, FORMATS, Limits, RequestDefaults
 from handler.errors import RequestError
 
-OPTION_NAMES = ("topk", "explanations", "format", "map_size", "stages", "class_conditional")
+OPTION_NAMES = ("topk", "explanations", "format", "map_size", "stages", "class_conditional", "target")
 BODY_KEYS = ("body", "data")
 MIN_MAP_SIZE = 8
 # No option takes a number of more digits: a longer one is refused before Python's int()
@@ -47,8 +47,10 @@ class RequestOptions:
         stages: also return the DVE map of every stage of the model (VGG-16: pool1..pool5),
             in ``format`` and ``map_size`` like the other maps.
         class_conditional: weight each feature map by the classifier's weight for the
-            predicted class (not the paper's DVE; only for models whose linear classifier
+            explained class (not the paper's DVE; only for models whose linear classifier
             reads the explained maps' channels).
+        target: the class to explain, by index; None for the top prediction. Setting it
+            sets ``class_conditional``: the weighting is what makes a map class-specific.
     """
 
     topk: int
@@ -57,6 +59,7 @@ class RequestOptions:
     map_size: int | None
     stages: bool = False
     class_conditional: bool = False
+    target: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ def parse_request(
     defaults: RequestDefaults,
     limits: Limits,
     num_classes: int,
+    labels: Sequence[str] = (),
 ) -> ParsedRequest:
     """Extracts and validates the image bytes and options of one request.
 
@@ -80,7 +84,9 @@ def parse_request(
         content_type: the body's Content-Type, if known.
         defaults: values of the options the request leaves out.
         limits: size bounds.
-        num_classes: the model's number of classes (bounds ``topk``).
+        num_classes: the model's number of classes (bounds ``topk`` and a ``target`` index).
+        labels: the model's class names, for a ``target`` given by name; without them
+            only indices are accepted.
     """
     fields = _fields(data, content_type)
     unknown = sorted(set(fields) - {"image", *OPTION_NAMES})
@@ -91,13 +97,18 @@ def parse_request(
     image = _image_bytes(fields["image"])
     if len(image) > limits.max_image_bytes:
         raise RequestError(f"image is {len(image)} bytes; the limit is {limits.max_image_bytes}", 413)
+    target = parse_target(fields["target"], num_classes, labels) if "target" in fields else None
+    class_conditional = parse_flag(fields.get("class_conditional", defaults.class_conditional), "class_conditional")
+    if target is not None and "class_conditional" in fields and not class_conditional:
+        raise RequestError("'target' explains a class through the class-conditional weighting: leave out 'class_conditional' or set it to true")
     options = RequestOptions(
         topk=_topk(fields.get("topk", defaults.topk), num_classes),
         explanations=parse_explanations(fields.get("explanations", defaults.explanations)),
         format=_format(fields.get("format", defaults.format)),
         map_size=_map_size(fields.get("map_size", defaults.map_size), limits),
         stages=parse_flag(fields.get("stages", defaults.stages), "stages"),
-        class_conditional=parse_flag(fields.get("class_conditional", defaults.class_conditional), "class_conditional"),
+        class_conditional=class_conditional or target is not None,
+        target=target,
     )
     return ParsedRequest(image, options)
 
@@ -236,6 +247,28 @@ def parse_explanations(value: Any) -> tuple[str, ...]:
     if unknown:
         raise RequestError(f"unknown explanation(s) {_shown(unknown)}; choose from {list(EXPLANATIONS)} or [] for none")
     return tuple(name for name in EXPLANATIONS if name in value)
+
+
+def parse_target(value: Any, num_classes: int, labels: Sequence[str]) -> int:
+    """The class index a ``target`` names: an index (JSON integer or digits, as multipart
+    text always is) or a label, exact or else in any case; an ambiguous label is refused."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        value = _int(value, "target")
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 <= value < num_classes:
+            raise RequestError(f"'target' {_shown(value)} is not a class index: the model's classes are 0 .. {num_classes - 1}")
+        return value
+    if not isinstance(value, str):
+        raise RequestError(f"'target' must be a class index or a label, got {_shown(value)}")
+    name = value.strip()
+    matches = [i for i, label in enumerate(labels) if label == name]
+    if not matches:
+        matches = [i for i, label in enumerate(labels) if label.casefold() == name.casefold()]
+    if not matches:
+        raise RequestError(f"'target' {_shown(value)} is neither a class index nor one of the model's labels")
+    if len(matches) > 1:
+        raise RequestError(f"'target' {_shown(value)} names {len(matches)} classes ({', '.join(map(str, matches))}): send its index")
+    return matches[0]
 
 
 def parse_flag(value: Any, name: str) -> bool:

@@ -311,6 +311,53 @@ def test_class_conditional_is_refused_per_request_for_a_model_without_a_linear_h
     assert answered.status == 200
 
 
+def test_target_explains_the_class_asked_for(lite0_explainer, photos):
+    chelsea = photos["chelsea"]
+    conditional = RequestOptions(5, ("dve", "targeted_dve"), "array", 16, class_conditional=True)
+    today = lite0_explainer.run([ParsedRequest(chelsea, conditional)])[0].body
+    top = today["predictions"][0]["index"]
+    at_top = ask(lite0_explainer, chelsea, format="array", map_size=16, class_conditional=True, target=top)
+    assert at_top == today  # the top class as target is exactly class_conditional's answer
+    tabby = ask(lite0_explainer, chelsea, format="array", map_size=16, class_conditional=True, target=281)
+    lynx = ask(lite0_explainer, chelsea, format="array", map_size=16, class_conditional=True, target=287)
+    assert tabby["predictions"] == lynx["predictions"] == today["predictions"]  # the prediction does not change
+    for name in ("dve", "targeted_dve"):
+        maps = [np.array(body["explanations"][name]["data"]) for body in (today, tabby, lynx)]
+        assert not np.array_equal(maps[0], maps[1]) and not np.array_equal(maps[1], maps[2]), name
+    listed = {p["index"]: p for p in today["predictions"]}
+    assert tabby["explained_class"] == listed[281] == {"index": 281, "label": "tabby", "probability": listed[281]["probability"]}
+    assert lynx["explained_class"] == listed[287]
+    # A class outside the top k: its own probability, from the same softmax.
+    far = ask(lite0_explainer, chelsea, topk=1, explanations=(), class_conditional=True, target=954)
+    assert far["explained_class"]["label"] == "banana" and 0 <= far["explained_class"]["probability"] < listed[287]["probability"]
+
+
+def test_each_request_of_a_batch_explains_its_own_target(lite0_explainer, photos):
+    def options(target):
+        return RequestOptions(3, ("dve", "targeted_dve"), "png", 32, class_conditional=target is not None, target=target)
+
+    requests = [ParsedRequest(photos["chelsea"], options(t)) for t in (281, 287, None)] + [ParsedRequest(photos["coffee"], options(968))]
+    batch = lite0_explainer.run(requests)
+    alone = [lite0_explainer.run([request])[0] for request in requests]
+    assert [r.body for r in batch] == [r.body for r in alone]
+    assert [r.body.get("explained_class", {}).get("index") for r in batch] == [281, 287, None, 968]
+
+
+def test_target_is_refused_per_request_for_a_model_without_a_linear_head(photos):
+    import torch
+
+    from handler.config import ServingConfig
+    from handler.models import build_model, imagenet_labels
+
+    torch.manual_seed(0)
+    vgg = Explainer(build_model("vgg16", 1000), ServingConfig(architecture="vgg16"), imagenet_labels(), torch.device("cpu"))
+    asked = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True, target=967))
+    refused, answered = vgg.run([asked, ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))])
+    assert refused.status == 400
+    assert refused.body["message"] == "target needs a linear classifier reading the 512 channels of the explained layer features.30; this model has none"
+    assert answered.status == 200
+
+
 def test_running_out_of_memory_is_a_503_for_that_request_only(lite0_explainer, photos, monkeypatch, caplog):
     """Out of memory while decoding or while drawing one answer: that request gets 503, never a 400."""
     from handler import imaging, rendering

@@ -274,6 +274,7 @@ LIMIT_OPTIONS = st.fixed_dictionaries(
         "topk": st.sampled_from([1, 1000]),
         "explanations": st.sampled_from([[], ["dve"], ["dve", "targeted_dve"]]),
         "class_conditional": st.booleans(),
+        "target": st.sampled_from([0, 999, "lynx"]),
     },
 )
 

@@ -206,3 +206,26 @@ def test_class_conditional_on_request(server, photos):
     assert png(body["explanations"]["dve"]).size == (224, 149)
     refused = post(server, "vgg16", json={"image": chelsea, "class_conditional": True})  # its classifier reads 25,088 features
     assert refused.status_code == 400 and "class_conditional needs a linear classifier" in refused.json()["message"]
+
+
+def test_target_on_request_by_index_and_by_label(server, photos):
+    chelsea = base64.b64encode(photos["chelsea"]).decode()
+    tabby = post(server, "efficientnet_lite0", json={"image": chelsea, "target": 281})
+    lynx = post(server, "efficientnet_lite0", endpoint="explanations", json={"image": chelsea, "target": "lynx"})
+    assert tabby.status_code == lynx.status_code == 200, (tabby.text, lynx.text)
+    tabby, lynx = tabby.json(), lynx.json()
+    assert tabby["explained_class"]["index"] == 281 and tabby["explained_class"]["label"] == "tabby"
+    assert lynx["explained_class"]["index"] == 287 and lynx["explained_class"]["label"] == "lynx"
+    assert tabby["predictions"] == lynx["predictions"] and lynx["explained_class"] in lynx["predictions"]
+    for name in ("dve", "targeted_dve"):
+        assert png(tabby["explanations"][name]).size == png(lynx["explanations"][name]).size == (224, 149)
+        assert tabby["explanations"][name]["data"] != lynx["explanations"][name]["data"]
+    # The same class by index, as multipart text, and by label in another case: the same answer.
+    by_index = post(server, "efficientnet_lite0", files={"image": ("chelsea.jpg", photos["chelsea"], "image/jpeg")}, data={"target": "287"})
+    by_label = post(server, "efficientnet_lite0", json={"image": chelsea, "target": "Lynx"})
+    assert by_index.json() == by_label.json() == lynx
+    unknown = post(server, "efficientnet_lite0", json={"image": chelsea, "target": "snow leopard cub"})
+    assert unknown.status_code == 400
+    assert unknown.json()["message"] == "'target' 'snow leopard cub' is neither a class index nor one of the model's labels"
+    refused = post(server, "vgg16", json={"image": chelsea, "target": 281})
+    assert refused.status_code == 400 and refused.json()["message"].startswith("target needs a linear classifier")

@@ -71,7 +71,7 @@ def test_build_mar_sets_dve_parameters_and_refuses_bad_ones():
             dve_params(pairs)
 
 
-# Which torchvision classifiers answer class_conditional (random weights: the question is
+# Which torchvision classifiers answer class_conditional and target (random weights: the question is
 # the architecture's head, not what it learned). It needs the model's last nn.Linear to
 # read the explained layer's channels directly (handler.layers.find_classifier).
 CLASS_CONDITIONAL = [
@@ -94,11 +94,14 @@ def test_which_models_answer_class_conditional(architecture, supported, photos):
     explainer = Explainer(build_model(architecture, 1000), ServingConfig(architecture=architecture), imagenet_labels(), torch.device("cpu"))
     asked = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True))
     plain = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))
-    conditional, ordinary = explainer.run([asked, plain])
+    targeted = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True, target=967))
+    conditional, ordinary, target = explainer.run([asked, plain, targeted])
     assert ordinary.status == 200  # every one of them explains the paper's way
     if supported:
-        assert conditional.status == 200, conditional.body
+        assert conditional.status == target.status == 200, (conditional.body, target.body)
         assert conditional.body["explained_class"] == conditional.body["predictions"][0]
+        assert target.body["explained_class"]["index"] == 967
     else:
-        assert conditional.status == 400
+        assert conditional.status == target.status == 400
         assert conditional.body["message"].startswith("class_conditional needs a linear classifier")
+        assert target.body["message"].startswith("target needs a linear classifier")

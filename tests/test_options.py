@@ -172,3 +172,66 @@ def test_a_json_body_with_a_huge_number_is_a_400_naming_it():
 def test_a_json_body_as_bytes_is_parsed():
     body = json.dumps({"image": B64, "topk": 3}).encode()
     assert parse({"body": body}, content_type="application/json").options.topk == 3
+
+
+LABELS = ("dark", "bright", "Cardigan", "cardigan", "tabby")  # ImageNet has both cardigans too (dog, sweater)
+
+
+def parse_target(data, content_type=None):
+    return parse_request(data, content_type=content_type, defaults=RequestDefaults(), limits=Limits(), num_classes=len(LABELS), labels=LABELS)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"body": {"image": B64, "target": 4}}, 4),
+        ({"body": {"image": B64, "target": "4"}}, 4),  # digits are an index in every body
+        ({"body": {"image": B64, "target": "tabby"}}, 4),
+        ({"body": {"image": B64, "target": " TABBY "}}, 4),  # any case, spaces trimmed
+        ({"body": {"image": B64, "target": "cardigan"}}, 3),  # the exact label wins over the other case
+        ({"image": bytearray(IMAGE), "target": "1"}, 1),  # multipart text
+        ({"image": bytearray(IMAGE), "target": b"bright"}, 1),
+        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"target": "dark"}}, 0),
+        ({"body": {"image": B64, "target": 0, "class_conditional": True}}, 0),
+    ],
+)
+def test_target_by_index_or_label_from_every_kind_of_body(data, expected):
+    options = parse_target(data).options
+    assert options.target == expected
+    assert options.class_conditional is True  # the target is explained through the class-conditional weighting
+
+
+def test_a_raw_body_has_no_target():
+    options = parse_target({"body": bytearray(IMAGE)}, "image/jpeg").options
+    assert options.target is None and options.class_conditional is False
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (5, r"'target' 5 is not a class index: the model's classes are 0 \.\. 4"),
+        (-1, r"'target' -1 is not a class index"),
+        ("lynx", r"'target' 'lynx' is neither a class index nor one of the model's labels"),
+        ("x" * 500, r"'target' 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\.\.\. \(502 characters\) is neither"),
+        ("CARDIGAN", r"'target' 'CARDIGAN' names 2 classes \(2, 3\): send its index"),
+        (True, r"'target' must be a class index or a label, got True"),
+        ([1], r"'target' must be a class index or a label, got \[1\]"),
+        ("1234567890", r"'target' has 10 digits"),
+    ],
+)
+def test_an_unknown_or_ill_typed_target_is_a_400_naming_it(target, message):
+    with pytest.raises(RequestError, match=message) as caught:
+        parse_target({"body": {"image": B64, "target": target}}, "application/json")
+    assert caught.value.status == 400
+
+
+def test_target_with_class_conditional_false_is_a_contradiction():
+    with pytest.raises(RequestError, match=r"'target' explains a class through the class-conditional weighting") as caught:
+        parse_target({"body": {"image": B64, "target": 1, "class_conditional": False}}, "application/json")
+    assert caught.value.status == 400
+
+
+def test_without_labels_a_target_is_an_index_only():
+    assert parse({"body": {"image": B64, "target": 999}}).options.target == 999
+    with pytest.raises(RequestError, match="neither a class index nor one of the model's labels"):
+        parse({"body": {"image": B64, "target": "tabby"}})
