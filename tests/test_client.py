@@ -91,3 +91,10 @@ def test_a_server_that_is_not_running_is_named(files, tmp_path, capsys):
     key_file.write_text(json.dumps({"inference": {"key": "k"}}))
     status = client.main([str(files["chelsea"]), "--url", "http://127.0.0.1:9", "--key-file", str(key_file)])
     assert status == 1 and "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("target", "index"), [("281", 281), ("lynx", 287)])
+def test_target_explains_the_class_asked_for_by_index_or_label(server, files, capsys, target, index):
+    assert run(server, files["chelsea"], "--json", "--target", target) == 0
+    (answer,) = map(json.loads, capsys.readouterr().out.splitlines())
+    assert answer["explained_class"]["index"] == index and set(answer["explanations"]) == {"dve", "targeted_dve"}
