@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+from dataclasses import asdict, fields
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from handler.config import RequestDefaults
@@ -156,8 +160,40 @@ def test_dve_peaks_on_the_object(lite0_explainer, photos):
     assert hits >= 2
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_handler_section() -> dict:
+    """The ``handler:`` block of README's "Serving options", parsed as YAML."""
+    text = README.read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(handler:\n.*?)```", text, re.S)
+    assert block, "README has no handler: YAML block"
+    return yaml.safe_load(block.group(1))["handler"]
+
+
+def readme_option_defaults() -> dict[str, str]:
+    """The "default" column of README's table of request options, by option name."""
+    text = README.read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", text.split("Options, per request:")[1].split("\n\n")[1], re.M)
+    return {name: default.strip() for name, default in rows}
+
+
 def test_defaults_match_the_documented_ones():
-    assert RequestDefaults() == RequestDefaults(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
+    """The code's defaults are the ones README documents, in its YAML block and its options table."""
+    from handler.config import Limits
+    from handler.dve import DVEParams
+
+    documented = readme_handler_section()
+    assert documented["defaults"] == {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(RequestDefaults()).items()}
+    assert documented["dve"] == asdict(DVEParams())
+    assert documented["limits"] == asdict(Limits())
+    table = readme_option_defaults()
+    code = RequestDefaults()
+    assert table.keys() == {f.name for f in fields(RequestDefaults)}
+    assert table["explanations"] == "both" and code.explanations == ("dve", "targeted_dve")
+    assert {k: v.strip("`") for k, v in table.items() if k != "explanations"} == {
+        k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(code).items() if k != "explanations"
+    }
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
