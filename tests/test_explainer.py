@@ -17,8 +17,10 @@ from handler.config import RequestDefaults
 from handler.errors import INTERNAL_ERROR_MESSAGE, RequestError
 from handler.explainer import Explainer
 from handler.options import ParsedRequest, RequestOptions
+from tests.conftest import SCENE_SIDE, centred_gaussian, hottest_in
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
 DEFAULT = RequestOptions(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
 
 
@@ -144,20 +146,15 @@ def test_too_large_float_array_is_refused_with_a_hint(lite0_explainer, photos):
     assert result.status == 413 and "map_size of at most 1254" in result.body["message"]
 
 
-def test_dve_peaks_on_the_object(lite0_explainer, photos):
-    """The hottest DVE pixel lies on the object the model recognised (boxes drawn by hand)."""
-    objects = {
-        "chelsea": (90, 40, 360, 300),  # the cat's head
-        "coffee": (150, 20, 480, 330),  # cup and saucer
-        "rocket": (270, 60, 345, 427),  # the rocket on its pad (predicted: missile)
-    }
-    hits = 0
-    for name, (x0, y0, x1, y1) in objects.items():
-        body = ask(lite0_explainer, photos[name], map_size=None, explanations=("dve",))
-        dve_map = np.asarray(png(body["explanations"]["dve"]))
-        y, x = np.unravel_index(dve_map.argmax(), dve_map.shape)
-        hits += x0 <= x < x1 and y0 <= y < y1
-    assert hits >= 2
+def test_dve_peaks_on_off_centre_objects_where_a_centre_prior_misses(lite0_explainer, off_centre_objects):
+    """Objects in a corner: DVE's hottest pixel lies on the object; a centred Gaussian's does not."""
+    for name, image, box in off_centre_objects:
+        body = ask(lite0_explainer, image, map_size=None, format="array", explanations=("dve",))
+        dve_map = np.array(body["explanations"]["dve"]["data"])
+        assert dve_map.shape == (SCENE_SIDE, SCENE_SIDE)
+        assert body["predictions"][0]["index"] in (CAT_CLASSES | {ESPRESSO}), name
+        assert not hottest_in(centred_gaussian(*dve_map.shape), box), name
+        assert hottest_in(dve_map, box), name
 
 
 README = Path(__file__).resolve().parent.parent / "README.md"
