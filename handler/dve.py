@@ -6,7 +6,7 @@ batch and the channels: no Python loop over images or feature maps (except in th
 copy to the host.
 Nothing here knows about TorchServe; the handler calls these functions.
 
-Notation follows ``shared/DVE_SPEC.md``:
+Notation follows ``docs/algorithm.md#notation``, which derives every formula:
 
 * ``X`` (B x C x h x w): feature maps of the final pooling layer for a batch.
 * ``G_s(u, v) = exp(-(u^2 + v^2) / (2 s^2))`` on the integer frequency grid in FFT order
@@ -53,7 +53,8 @@ class DVEParams:
             map is upsampled afterwards (cheap, smooth). ``"input"`` upsamples every
             feature map bilinearly to the model's input size first, as a literal reading
             of the paper would; it costs far more and the high-pass picks up the kinks
-            of bilinear interpolation (see the spec).
+            of bilinear interpolation
+            (``docs/algorithm.md#resolution-where-the-filtering-happens``).
         box_threshold: the targeted map's salient patch is the box around every pixel at
             or above this fraction of the map's maximum.
     """

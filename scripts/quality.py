@@ -5,7 +5,7 @@ real weights; the figure scripts reuse the photos and the methods. Every DVE map
 comes from ``handler.explainer.Explainer.forward`` (the handler's hook) and
 ``handler.dve.explain`` (the handler's math), drawn at the model's input size.
 
-Measures (see ``shared/DVE_SPEC.md``):
+Measures (see ``docs/algorithm.md#measures-used-to-choose-the-defaults``):
 
 * deletion / insertion AUC (Petsiuk et al., RISE, arXiv 1806.07421): the probability of
   the class predicted for the photo as its pixels, most salient first, are replaced by

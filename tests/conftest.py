@@ -37,6 +37,54 @@ def photos() -> dict[str, bytes]:
     return {name: encode(getattr(skimage.data, name)(), quality=92) for name in names}
 
 
+# Objects of the localisation set (scripts/quality.py, boxes drawn by hand) pasted into a
+# corner of a 256 x 256 texture, 110 pixels long, 20 pixels in from the edges: inside the
+# model's centre crop (the middle 224 x 224), away from the image's centre.
+OFF_CENTRE = [("cat", "grass", "top-left"), ("cat", "brick", "bottom-right"), ("cup", "gravel", "top-right"), ("cup", "grass", "bottom-left")]
+SCENE_SIDE = 256
+
+
+@pytest.fixture(scope="session")
+def off_centre_objects() -> list[tuple[str, bytes, tuple[int, int, int, int]]]:
+    """(name, PNG bytes, object box x0, y0, x1, y1 with exclusive ends) for each scene of ``OFF_CENTRE``."""
+    import numpy as np
+    from PIL import Image
+
+    from scripts import quality
+
+    scenes = []
+    for name, texture, corner in OFF_CENTRE:
+        photo, (x0, y0, x1, y1) = quality.OBJECTS[name]
+        crop = Image.fromarray(quality.load_photos([photo])[photo][y0:y1, x0:x1])
+        scale = 110 / max(crop.size)
+        fitted = np.asarray(crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.BICUBIC))
+        canvas = quality.rgb(quality.TEXTURES[texture]())[:SCENE_SIDE, :SCENE_SIDE].copy()
+        height, width = fitted.shape[:2]
+        left = 20 if corner.endswith("left") else SCENE_SIDE - 20 - width
+        top = 20 if corner.startswith("top") else SCENE_SIDE - 20 - height
+        canvas[top : top + height, left : left + width] = fitted
+        scenes.append((f"{name} {corner} on {texture}", encode(canvas, "PNG"), (left, top, left + width, top + height)))
+    return scenes
+
+
+def hottest_in(saliency, box: tuple[int, int, int, int]) -> bool:
+    """The pointing game: True when the map's (H x W) maximum lies in ``box`` (exclusive ends)."""
+    import numpy as np
+
+    y, x = np.unravel_index(np.argmax(saliency), np.shape(saliency))
+    x0, y0, x1, y1 = box
+    return bool(x0 <= x < x1 and y0 <= y < y1)
+
+
+def centred_gaussian(height: int, width: int):
+    """The photographer's prior: a Gaussian bump in the middle (sigma a quarter of each side)."""
+    import numpy as np
+
+    y = np.arange(height) - (height - 1) / 2
+    x = np.arange(width) - (width - 1) / 2
+    return np.exp(-(y[:, None] ** 2 / (2 * (height / 4) ** 2) + x[None, :] ** 2 / (2 * (width / 4) ** 2)))
+
+
 @pytest.fixture(scope="session")
 def lite0_explainer():
     """The default model with its real ImageNet weights, as the handler configures it."""

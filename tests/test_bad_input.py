@@ -15,7 +15,7 @@ from PIL import Image
 
 from handler.config import Limits
 from tests.conftest import encode
-from tests.test_integration import post, post_image, worker_pids
+from tests.test_integration import batch_totals, batches_since, post, post_image, worker_pids
 
 MODEL = "efficientnet_lite0"
 MAX_IMAGE_BYTES = Limits().max_image_bytes
@@ -152,9 +152,12 @@ def test_concurrent_worst_requests_are_refused_at_once_and_the_worker_stays_smal
     from concurrent.futures import ThreadPoolExecutor
 
     payload = {"image": b64(big_png(8000, 6000)), "map_size": "original", "format": "overlay", "stages": True}
+    before = batch_totals(server, MODEL)
     with ThreadPoolExecutor(3) as pool:
         responses = list(pool.map(lambda _: post(server, MODEL, json=payload), range(3)))
     assert [r.status_code for r in responses] == [413] * 3
+    batches, ran = batches_since(server, MODEL, before, 3)
+    assert ran == 3 and batches < 3, (batches, ran)  # at least two of them in one batch
     assert all("ask for a map_size of at most" in r.json()["message"] for r in responses)
     assert worker_pids(server, MODEL) == pids
     assert all(worker_rss_mb(pid) < 2048 for pid in pids)

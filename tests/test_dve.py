@@ -59,12 +59,18 @@ def random_features(b=3, c=16, h=7, w=7, seed=0) -> torch.Tensor:
     return torch.relu(torch.randn(b, c, h, w, generator=generator, dtype=torch.float64)).float()
 
 
+# The defaults (sigma 1 / 0.5), the first defaults (sigma 2 / 1) and two other corners.
 PARAMS = [
     DVEParams(),
-    DVEParams(sigma_low=1.0, sigma_high=0.5),
+    DVEParams(sigma_low=2.0, sigma_high=1.0),
     DVEParams(sigma_low=3.0, sigma_high=1.5, psi="quantile", psi_quantile=0.7),
     DVEParams(sigma_low=2.0, sigma_high=2.0, psi="none"),
 ]
+
+
+def test_the_parameter_settings_differ_and_include_the_old_defaults():
+    assert len(set(PARAMS)) == len(PARAMS)
+    assert (PARAMS[1].sigma_low, PARAMS[1].sigma_high) == (2.0, 1.0) != (DVEParams().sigma_low, DVEParams().sigma_high)
 
 
 @pytest.mark.parametrize("shape", [(7, 7), (8, 6), (13, 13), (6, 9)])
@@ -222,3 +228,108 @@ def test_upsampling_for_the_box_equals_bicubic_interpolation():
         boxes, _ = dve.salient_boxes(got, threshold)
         reference, _ = dve.salient_boxes(expected, threshold)
         assert (boxes - reference).abs().max() <= 1
+
+
+# The whole explain path, slowly: normalise, targeted map, upsampling, box.
+
+
+def reference_normalize(s: np.ndarray) -> np.ndarray:
+    """Negative values to 0, then divided by the maximum (an all-zero map stays zero)."""
+    positive = np.maximum(s, 0.0)
+    peak = positive.max()
+    return positive / peak if peak > 0 else positive
+
+
+def cubic_weight(t: float) -> float:
+    """Keys' cubic convolution kernel with a = -0.75 (what torch's bicubic uses)."""
+    a, t = -0.75, abs(t)
+    if t <= 1:
+        return (a + 2) * t**3 - (a + 3) * t**2 + 1
+    if t < 2:
+        return a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+    return 0.0
+
+
+def reference_bicubic(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bicubic upsampling, half-pixel centres, edges repeated, one output pixel at a time."""
+    h, w = m.shape
+    out = np.zeros(size)
+    for oy in range(size[0]):
+        sy = (oy + 0.5) * h / size[0] - 0.5
+        for ox in range(size[1]):
+            sx = (ox + 0.5) * w / size[1] - 0.5
+            total = 0.0
+            for iy in range(int(np.floor(sy)) - 1, int(np.floor(sy)) + 3):
+                for ix in range(int(np.floor(sx)) - 1, int(np.floor(sx)) + 3):
+                    pixel = m[min(max(iy, 0), h - 1), min(max(ix, 0), w - 1)]
+                    total += cubic_weight(sy - iy) * cubic_weight(sx - ix) * pixel
+            out[oy, ox] = total
+    return np.clip(out, 0.0, 1.0)
+
+
+def reference_bilinear(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling, half-pixel centres (source clamped at 0), one output pixel at a time."""
+    h, w = m.shape
+    out = np.zeros(size)
+    for oy in range(size[0]):
+        sy = max((oy + 0.5) * h / size[0] - 0.5, 0.0)
+        y0 = int(sy)
+        y1, fy = min(y0 + 1, h - 1), sy - y0
+        for ox in range(size[1]):
+            sx = max((ox + 0.5) * w / size[1] - 0.5, 0.0)
+            x0 = int(sx)
+            x1, fx = min(x0 + 1, w - 1), sx - x0
+            top = (1 - fx) * m[y0, x0] + fx * m[y0, x1]
+            bottom = (1 - fx) * m[y1, x0] + fx * m[y1, x1]
+            out[oy, ox] = (1 - fy) * top + fy * bottom
+    return out
+
+
+def reference_box(m: np.ndarray, threshold: float) -> tuple[list[int], bool]:
+    """The box (x0, y0, x1, y1, exclusive ends) of every pixel at or above threshold x max."""
+    if m.max() <= 0:
+        return [0, 0, 0, 0], False
+    ys, xs = np.nonzero(m >= threshold * m.max())
+    return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], True
+
+
+def reference_explain(features: np.ndarray, p: DVEParams, input_size: tuple[int, int], weights: np.ndarray | None = None):
+    """DVE, targeted DVE (of the raw DVE map) and the targeted map's box at the input size."""
+    if p.resolution == "input":
+        features = np.stack([[reference_bilinear(channel, input_size) for channel in image] for image in features])
+    raw = reference_dve(features, p, weights)
+    targeted = reference_targeted(raw, p)
+    dve_maps = np.stack([reference_normalize(s) for s in raw])
+    targeted_maps = np.stack([reference_normalize(s) for s in targeted])
+    boxes = [reference_box(reference_bicubic(t, input_size), p.box_threshold) for t in targeted_maps]
+    return dve_maps, targeted_maps, boxes
+
+
+EXPLAIN_CASES = {
+    "defaults": (DVEParams(), (7, 7), (64, 64), False),
+    "old-defaults-box-0.5": (DVEParams(sigma_low=2.0, sigma_high=1.0, box_threshold=0.5), (7, 7), (64, 64), False),
+    "quantile-oblong": (DVEParams(psi="quantile", psi_quantile=0.7), (6, 8), (48, 80), False),
+    "class-conditional": (DVEParams(), (7, 7), (64, 64), True),
+    # negative evidence survives psi "none": the targeted map must come from the raw map, not the clipped one
+    "class-conditional-no-psi": (DVEParams(psi="none"), (7, 7), (64, 64), True),
+    "input-resolution": (DVEParams(resolution="input"), (5, 5), (20, 20), False),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPLAIN_CASES))
+def test_explain_matches_the_slow_reference_end_to_end(case):
+    params, (h, w), input_size, conditional = EXPLAIN_CASES[case]
+    features = random_features(b=3, c=8, h=h, w=w, seed=2)
+    weights = torch.randn(3, 8, generator=torch.Generator().manual_seed(3)) if conditional else None
+    expected_dve, expected_targeted, expected_boxes = reference_explain(
+        features.double().numpy(), params, input_size, None if weights is None else weights.double().numpy()
+    )
+    got = dve.explain(features, params, input_size, weights)
+    np.testing.assert_allclose(got.dve.numpy(), expected_dve, atol=1e-5)
+    np.testing.assert_allclose(got.targeted.numpy(), expected_targeted, atol=1e-5)
+    assert [[box.tolist(), bool(valid)] for box, valid in zip(got.boxes, got.box_valid)] == [[box, valid] for box, valid in expected_boxes]
+
+
+def test_explain_of_an_empty_map_has_no_box():
+    got = dve.explain(torch.zeros(1, 4, 7, 7), DVEParams(), (32, 32))
+    assert got.dve.abs().sum() == 0 and got.targeted.abs().sum() == 0 and not got.box_valid[0]

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+from dataclasses import asdict, fields
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from handler.config import RequestDefaults
 from handler.errors import INTERNAL_ERROR_MESSAGE, RequestError
 from handler.explainer import Explainer
 from handler.options import ParsedRequest, RequestOptions
+from tests.conftest import SCENE_SIDE, centred_gaussian, hottest_in
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egyptian cat
+ESPRESSO = 967
 DEFAULT = RequestOptions(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
 
 
@@ -140,24 +146,51 @@ def test_too_large_float_array_is_refused_with_a_hint(lite0_explainer, photos):
     assert result.status == 413 and "map_size of at most 1254" in result.body["message"]
 
 
-def test_dve_peaks_on_the_object(lite0_explainer, photos):
-    """The hottest DVE pixel lies on the object the model recognised (boxes drawn by hand)."""
-    objects = {
-        "chelsea": (90, 40, 360, 300),  # the cat's head
-        "coffee": (150, 20, 480, 330),  # cup and saucer
-        "rocket": (270, 60, 345, 427),  # the rocket on its pad (predicted: missile)
-    }
-    hits = 0
-    for name, (x0, y0, x1, y1) in objects.items():
-        body = ask(lite0_explainer, photos[name], map_size=None, explanations=("dve",))
-        dve_map = np.asarray(png(body["explanations"]["dve"]))
-        y, x = np.unravel_index(dve_map.argmax(), dve_map.shape)
-        hits += x0 <= x < x1 and y0 <= y < y1
-    assert hits >= 2
+def test_dve_peaks_on_off_centre_objects_where_a_centre_prior_misses(lite0_explainer, off_centre_objects):
+    """Objects in a corner: DVE's hottest pixel lies on the object; a centred Gaussian's does not."""
+    for name, image, box in off_centre_objects:
+        body = ask(lite0_explainer, image, map_size=None, format="array", explanations=("dve",))
+        dve_map = np.array(body["explanations"]["dve"]["data"])
+        assert dve_map.shape == (SCENE_SIDE, SCENE_SIDE)
+        assert body["predictions"][0]["index"] in (CAT_CLASSES | {ESPRESSO}), name
+        assert not hottest_in(centred_gaussian(*dve_map.shape), box), name
+        assert hottest_in(dve_map, box), name
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_handler_section() -> dict:
+    """The ``handler:`` block of README's "Serving options", parsed as YAML."""
+    text = README.read_text(encoding="utf-8")
+    block = re.search(r"```yaml\n(handler:\n.*?)```", text, re.S)
+    assert block, "README has no handler: YAML block"
+    return yaml.safe_load(block.group(1))["handler"]
+
+
+def readme_option_defaults() -> dict[str, str]:
+    """The "default" column of README's table of request options, by option name."""
+    text = README.read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", text.split("Options, per request:")[1].split("\n\n")[1], re.M)
+    return {name: default.strip() for name, default in rows}
 
 
 def test_defaults_match_the_documented_ones():
-    assert RequestDefaults() == RequestDefaults(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
+    """The code's defaults are the ones README documents, in its YAML block and its options table."""
+    from handler.config import Limits
+    from handler.dve import DVEParams
+
+    documented = readme_handler_section()
+    assert documented["defaults"] == {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(RequestDefaults()).items()}
+    assert documented["dve"] == asdict(DVEParams())
+    assert documented["limits"] == asdict(Limits())
+    table = readme_option_defaults()
+    code = RequestDefaults()
+    assert table.keys() == {f.name for f in fields(RequestDefaults)}
+    assert table["explanations"] == "both" and code.explanations == ("dve", "targeted_dve")
+    assert {k: v.strip("`") for k, v in table.items() if k != "explanations"} == {
+        k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(code).items() if k != "explanations"
+    }
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")

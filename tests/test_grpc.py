@@ -12,12 +12,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_tools import protoc
 
 from tests.test_integration import post, post_image
-
-grpc = pytest.importorskip("grpc")
-protoc = pytest.importorskip("grpc_tools.protoc")
 
 JAR = Path(importlib.import_module("ts").__file__).parent / "frontend" / "model-server.jar"
 PROTOS = ["inference.proto", "google/rpc/status.proto"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,11 +14,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import INTEGRATION_PORT_BASE, encode
+from tests.conftest import INTEGRATION_PORT_BASE, SCENE_SIDE, centred_gaussian, encode, hottest_in
 
 CAT_CLASSES = {281, 282, 283, 284, 285}
-# Hand-drawn boxes around the object each photo shows (x0, y0, x1, y1, original pixels).
-OBJECTS = {"chelsea": (90, 40, 360, 300), "coffee": (150, 20, 480, 330), "rocket": (270, 60, 345, 427)}
 
 
 def post(server, model, *, endpoint="predictions", token=None, **kwargs) -> requests.Response:
@@ -38,6 +38,27 @@ def worker_pids(server, model) -> list[int]:
     response = requests.get(f"{server.management_url}/models/{model}", headers={"Authorization": f"Bearer {server.token('management')}"}, timeout=10)
     response.raise_for_status()
     return sorted(w["pid"] for w in response.json()[0]["workers"] if w["status"] == "READY")
+
+
+BATCH_SIZE_SAMPLE = re.compile(r"^DVEBatchSize_(count|sum)\{([^}]*)\} (\S+)$", re.M)
+
+
+def batch_totals(server, model) -> tuple[float, float]:
+    """(batches, requests) the model's handler has run so far: DVEBatchSize's _count and _sum at the metrics port."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    values = {kind: float(value) for kind, labels, value in BATCH_SIZE_SAMPLE.findall(text) if f'ModelName="{model}"' in labels}
+    return values.get("count", 0.0), values.get("sum", 0.0)
+
+
+def batches_since(server, model, before: tuple[float, float], sent: int) -> tuple[int, int]:
+    """(batches, requests) run since ``before``, read once the metrics count ``sent`` requests (they arrive
+    asynchronously; after 15 s, whatever they say)."""
+    deadline = time.monotonic() + 15
+    while True:
+        count, total = batch_totals(server, model)
+        if total - before[1] >= sent or time.monotonic() > deadline:
+            return round(count - before[0]), round(total - before[1])
+        time.sleep(0.2)
 
 
 def test_raw_photo_gets_prediction_and_both_explanations(server, photos):
@@ -65,15 +86,14 @@ def test_explanations_endpoint_returns_the_prediction_too(server, photos):
     assert predicted["predictions"][0]["label"] == "espresso"
 
 
-def test_dve_is_hottest_on_the_object_more_often_than_not(server, photos):
-    hits = []
-    for name, (x0, y0, x1, y1) in OBJECTS.items():
-        body = post(server, "efficientnet_lite0", json={"image": base64.b64encode(photos[name]).decode(), "map_size": "original", "explanations": ["dve"]}).json()
-        dve_map = np.asarray(png(body["explanations"]["dve"]))
-        assert dve_map.shape == (body["image"]["height"], body["image"]["width"])
-        y, x = np.unravel_index(dve_map.argmax(), dve_map.shape)
-        hits.append(x0 <= x < x1 and y0 <= y < y1)
-    assert sum(hits) > len(hits) / 2, hits
+def test_dve_is_hottest_on_off_centre_objects(server, off_centre_objects):
+    """Objects in a corner (tests/conftest.py): DVE points at them, a centred Gaussian would not."""
+    for name, image, box in off_centre_objects:
+        body = post(server, "efficientnet_lite0", json={"image": base64.b64encode(image).decode(), "map_size": "original", "format": "array", "explanations": ["dve"]}).json()
+        dve_map = np.array(body["explanations"]["dve"]["data"])
+        assert dve_map.shape == (body["image"]["height"], body["image"]["width"]) == (SCENE_SIDE, SCENE_SIDE)
+        assert not hottest_in(centred_gaussian(*dve_map.shape), box), name
+        assert hottest_in(dve_map, box), name
 
 
 def test_options_by_json_and_by_multipart(server, photos):
@@ -107,10 +127,13 @@ def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(s
         lambda: post(server, "efficientnet_lite0", json={"topk": 3}),
     ]
     calls = [good, *bad, good, good]
+    before = batch_totals(server, "efficientnet_lite0")
     with ThreadPoolExecutor(len(calls)) as pool:
         responses = list(pool.map(lambda call: call(), calls))
     statuses = [r.status_code for r in responses]
     assert statuses == [200] + [400] * len(bad) + [200, 200], [r.text[:200] for r in responses]
+    batches, ran = batches_since(server, "efficientnet_lite0", before, len(calls))
+    assert ran == len(calls) and batches < ran, (batches, ran)  # some requests shared a batch
     for response in responses[1 : 1 + len(bad)]:
         assert response.json()["code"] == 400 and response.json()["message"]
     assert worker_pids(server, "efficientnet_lite0") == pids  # no worker restarted
@@ -184,9 +207,11 @@ def test_stages_on_request_and_only_for_the_requests_that_ask(server, photos):
         data={"stages": "true", "format": "array", "map_size": "16", "explanations": "none"},
     )
     plain = lambda: post_image(server, "efficientnet_lite0", photos["chelsea"])  # noqa: E731
+    before = batch_totals(server, "efficientnet_lite0")
     with ThreadPoolExecutor(2) as pool:
         with_stages, without = [future.result() for future in [pool.submit(staged), pool.submit(plain)]]
     assert with_stages.status_code == without.status_code == 200
+    assert batches_since(server, "efficientnet_lite0", before, 2) == (1, 2)  # one batch of both
     stages = with_stages.json()["stages"]
     assert [s["layer"] for s in stages] == ["_blocks.0", "_blocks.2", "_blocks.4", "_blocks.10", "_avg_pooling:input"]
     assert all(np.array(s["dve"]["data"]).shape == (11, 16) for s in stages)

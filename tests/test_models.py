@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_state_dict_wrappers_are_unwrapped(tmp_path):
 
 def test_pickled_modules_and_mismatched_weights_are_refused(tmp_path):
     torch.save(nn.Linear(3, 2), tmp_path / "module.pth")
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         read_state_dict(tmp_path / "module.pth")  # weights_only=True: no arbitrary pickles
     torch.save(nn.Linear(4, 2).state_dict(), tmp_path / "other.pth")
     with pytest.raises(RuntimeError, match="size mismatch"):

@@ -15,7 +15,7 @@ import requests
 
 from scripts import server as ts_server
 from tests.conftest import INTEGRATION_PORT_BASE
-from tests.test_integration import post_image, worker_pids
+from tests.test_integration import batch_totals, batches_since, post_image, worker_pids
 
 MODEL = "efficientnet_lite0"
 BURST = 24
@@ -37,10 +37,13 @@ def test_a_burst_beyond_the_queue_gets_503_and_the_worker_survives(model_store, 
             start.wait()
             return requests.post(f"{server.inference_url}/predictions/{MODEL}", data=photos["chelsea"], headers=headers, timeout=120)
 
+        before = batch_totals(server, MODEL)
         with ThreadPoolExecutor(BURST) as pool:
             responses = list(pool.map(send, range(BURST)))
         statuses = [r.status_code for r in responses]
         assert 503 in statuses and 200 in statuses, statuses
+        batches, ran = batches_since(server, MODEL, before, statuses.count(200))
+        assert ran == statuses.count(200) and batches < ran, (batches, ran)  # the admitted ones ran in batches
         assert set(statuses) == {200, 503}, [r.text[:200] for r in responses]  # no other 5xx, no 4xx
         for response in responses:
             body = response.json()
