@@ -203,6 +203,17 @@ def dve(
 
 def _summed_band_product(x: torch.Tensor, params: DVEParams, channel_weights: torch.Tensor | None) -> torch.Tensor:
     """The sum over channels of the band products, each weighted by ``channel_weights`` if given."""
+    batch, channels, height, width = x.shape
+    pixels = height * width
+    if pixels <= MATRIX_MAX_PIXELS and x.permute(0, 2, 3, 1).is_contiguous():
+        # Channels-last maps (as many CPU-optimised models hand them over): the same band
+        # operator, applied along the spatial axis of a view, instead of copying every map.
+        operator = _band_operator(height, width, float(params.sigma_low), float(params.sigma_high), x.device)
+        bands = operator.T @ x.float().permute(0, 2, 3, 1).reshape(batch, pixels, channels)  # B x 2hw x C
+        products = bands[:, :pixels] * bands[:, pixels:]
+        if channel_weights is not None:
+            products = products * channel_weights.float()[:, None, :]
+        return products.sum(dim=2).reshape(batch, height, width)
     products = band_product(x.float(), params.sigma_low, params.sigma_high)
     if channel_weights is not None:
         products = products * channel_weights.float()[:, :, None, None]

@@ -93,9 +93,32 @@ def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device:
 
     ``geometry`` is G x 3 (full, start, side): output pixel i is centred at
     ``(i + 0.5) * full / out_n`` original pixels, the crop spans ``[start, start + side]``;
-    rows of pixels outside the crop are zero. Returns G x out_n x n_in. Computed with numpy on the host (a few dozen operations on small arrays, where each
-    of PyTorch's costs more than numpy's), then moved to ``device``.
+    rows of pixels outside the crop are zero. Returns G x out_n x n_in on ``device``.
+    Small ones (default-size maps) come from a cache: a server sees the same few photo
+    sizes (a camera's, a client's resize) again and again, and computing them costs more
+    than the drawing itself at batch 1.
     """
+    if out_n * n_in <= CACHED_WEIGHTS_MAX_VALUES:
+        weights = np.stack([_cached_axis_weights(out_n, float(full), float(start), float(side), n_in) for full, start, side in geometry])
+    else:
+        weights = _axis_weights(out_n, geometry, n_in)
+    return torch.from_numpy(weights).to(device, non_blocking=True)
+
+
+# At most 256 cached axes of at most 16,384 weights: 16 MB.
+CACHED_WEIGHTS_MAX_VALUES = 16_384
+
+
+@lru_cache(maxsize=256)
+def _cached_axis_weights(out_n: int, full: float, start: float, side: float, n_in: int) -> np.ndarray:
+    weights = _axis_weights(out_n, np.array([[full, start, side]]), n_in)[0]
+    weights.setflags(write=False)  # shared by every later caller
+    return weights
+
+
+def _axis_weights(out_n: int, geometry: np.ndarray, n_in: int) -> np.ndarray:
+    """``batched_bicubic_weights`` as float32 numpy (a few dozen operations on small arrays,
+    where each of PyTorch's costs more than numpy's)."""
     full, start, side = geometry.T
     centres = (np.arange(out_n) + 0.5)[None, :] * (full / out_n)[:, None]
     grid = 2.0 * (centres - start[:, None]) / side[:, None] - 1.0
@@ -110,7 +133,7 @@ def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device:
     # Each cell's weight sums the taps that land on it (clamped taps share a border cell).
     weights = np.einsum("gok,gokn->gon", taps, index[..., None] == np.arange(n_in))
     weights[np.abs(grid) > 1.0] = 0.0
-    return torch.from_numpy(weights.astype(np.float32)).to(device, non_blocking=True)
+    return weights.astype(np.float32)
 
 
 def to_uint8(map01: torch.Tensor) -> torch.Tensor:

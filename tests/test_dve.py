@@ -105,6 +105,19 @@ def test_dve_matches_reference(params, shape):
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=str)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_channels_last_feature_maps_give_the_reference_maps(params, weighted):
+    """EfficientNet's hooked maps arrive channels-last; they take another (copy-free) path."""
+    features = random_features(b=2, c=16, h=7, w=6)
+    weights = torch.randn(2, 16, generator=torch.Generator().manual_seed(2)) if weighted else None
+    channels_last = features.contiguous(memory_format=torch.channels_last)
+    assert not channels_last.is_contiguous() and channels_last.permute(0, 2, 3, 1).is_contiguous()
+    expected = reference_dve(features.double().numpy(), params, None if weights is None else weights.double().numpy())
+    got = dve.dve(channels_last, params, channel_weights=weights).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=str)
 def test_targeted_dve_matches_reference(params):
     raw = dve.dve(random_features(), params)
     expected = reference_targeted(raw.double().numpy(), params)
