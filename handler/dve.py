@@ -88,7 +88,9 @@ class DVEParams:
         return replace(cls(), **dict(values))
 
 
-def gaussian_transfer(height: int, width: int, sigma: float, *, device=None, dtype=torch.float32) -> torch.Tensor:
+def gaussian_transfer(
+    height: int, width: int, sigma: float, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``G_sigma`` on the integer frequency grid of an ``height x width`` map, FFT order."""
     u = torch.fft.fftfreq(height, d=1.0 / height, device=device, dtype=dtype)
     v = torch.fft.fftfreq(width, d=1.0 / width, device=device, dtype=dtype)
@@ -131,7 +133,7 @@ def band_product(x: torch.Tensor, sigma_low: float, sigma_high: float, method: s
     return product.reshape(x.shape)
 
 
-def _band_filters(height: int, width: int, sigma_low: float, sigma_high: float, device) -> torch.Tensor:
+def _band_filters(height: int, width: int, sigma_low: float, sigma_high: float, device: torch.device | str | None) -> torch.Tensor:
     """The low-pass G_s1 and the high-pass 1 - G_s2 on the real-FFT half grid: 2 x h x (w//2+1)."""
     half = width // 2 + 1
     g_low = gaussian_transfer(height, width, sigma_low, device=device)
@@ -143,7 +145,8 @@ def _fourier_filter(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """Each filter applied to each map: ... x h x w -> ... x F x h x w."""
     height, width = x.shape[-2:]
     spectrum = torch.fft.rfft2(x)
-    return torch.fft.irfft2(spectrum.unsqueeze(-3) * filters, s=(height, width))
+    filtered: torch.Tensor = torch.fft.irfft2(spectrum.unsqueeze(-3) * filters, s=(height, width))
+    return filtered
 
 
 @functools.lru_cache(maxsize=32)

@@ -30,7 +30,7 @@ import logging
 import time
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
@@ -38,6 +38,9 @@ from ts.metrics.metric_type_enum import MetricTypes
 from handler.errors import RequestError, failure, internal_error
 from handler.explainer import Batch, Explainer, Inference, Result, Timings
 from handler.options import ParsedRequest, is_inference_tensor, parse_request
+
+if TYPE_CHECKING:
+    from ts.context import Context
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,14 @@ class DVEHandler:
         self.explainer: Explainer | None = None
         self.initialized = False
 
-    def initialize(self, context) -> None:
+    @property
+    def ready_explainer(self) -> Explainer:
+        """The explainer ``initialize`` made; an error before TorchServe has initialised the handler."""
+        if self.explainer is None:
+            raise RuntimeError("the handler is used before initialize()")
+        return self.explainer
+
+    def initialize(self, context: Context) -> None:
         """Loads the model named in ``model-config.yaml`` and finds the layer to explain."""
         properties = context.system_properties
         gpu_id = properties.get("gpu_id")
@@ -68,10 +78,11 @@ class DVEHandler:
         logger.info("stages (request option 'stages'): %s", ", ".join(f"{stage} {stage.shape}" for stage in self.explainer.stages))
         self.initialized = True
 
-    def preprocess(self, data: list[dict[str, Any]], context) -> Batch:
+    def preprocess(self, data: list[dict[str, Any]], context: Context) -> Batch:
         """Parses each request's image and options, then decodes and crops every image into
         one input tensor on the model's device; a bad request becomes its own error."""
-        config = self.explainer.config
+        explainer = self.ready_explainer
+        config = explainer.config
         parsed: list[ParsedRequest | RequestError] = []
         for idx, request in enumerate(data):
             try:
@@ -82,24 +93,24 @@ class DVEHandler:
                         defaults=config.defaults,
                         limits=config.limits,
                         num_classes=config.num_classes,
-                        labels=self.explainer.labels,
+                        labels=explainer.labels,
                     )
                 )
             except RequestError as error:
                 parsed.append(error)
             except Exception:  # a bug must fail its own request only
                 parsed.append(internal_error("parsing a request"))
-        return self.explainer.preprocess(parsed)
+        return explainer.preprocess(parsed)
 
     def inference(self, batch: Batch) -> Inference | RequestError:
         """One forward pass with the hook, then DVE, targeted DVE, boxes and stages for the batch."""
-        return self.explainer.infer(batch)
+        return self.ready_explainer.infer(batch)
 
     def postprocess(self, batch: Batch, inference: Inference | RequestError) -> list[Result]:
         """Each request's answer, its maps drawn on the device and encoded in parallel."""
-        return self.explainer.postprocess(batch, inference)
+        return self.ready_explainer.postprocess(batch, inference)
 
-    def respond(self, results: list[Result], context) -> list[bytes]:
+    def respond(self, results: list[Result], context: Context) -> list[bytes]:
         """Compact JSON per request, with that request's own HTTP status."""
         responses = []
         for idx in range(len(results)):
@@ -110,7 +121,7 @@ class DVEHandler:
             responses.append(data)
         return responses
 
-    def respond_tensors(self, results: list[Result], context) -> list[str]:
+    def respond_tensors(self, results: list[Result], context: Context) -> list[str]:
         """Compact JSON per input tensor of one KServe v2 request, as text.
 
         The envelope turns each text into a BYTES output tensor (bytes would fail its
@@ -123,17 +134,19 @@ class DVEHandler:
             context.set_response_status(failed.status, _reason_phrase(failed.status), 0)
         return texts
 
-    def handle(self, data: list[dict[str, Any]], context) -> list[bytes] | list[str]:
+    def handle(self, data: list[dict[str, Any]], context: Context) -> list[bytes] | list[str]:
         """TorchServe's entry point: one JSON response per request (or input tensor), in order."""
         start = time.perf_counter()
-        self.explainer.timings = Timings()
+        explainer = self.ready_explainer
+        explainer.timings = Timings()
         batch = self.preprocess(data, context)
         results = self.postprocess(batch, self.inference(batch))
+        responses: list[bytes] | list[str]
         if data and all(is_inference_tensor(request) for request in data):
             responses = self.respond_tensors(results, context)
         else:
             responses = self.respond(results, context)
-        timings = self.explainer.timings
+        timings = explainer.timings
         emit_metrics(context.metrics, results, timings, (time.perf_counter() - start) * 1000.0)
         logger.debug(
             "batch of %d (%d ok): preprocess %.1f ms, forward %.1f ms, dve %.1f ms, postprocess %.1f ms",
@@ -147,7 +160,7 @@ class DVEHandler:
         return responses
 
 
-def emit_metrics(metrics, results: list[Result], timings: Timings, handler_ms: float) -> None:
+def emit_metrics(metrics: Any, results: list[Result], timings: Timings, handler_ms: float) -> None:
     """Reports one batch to TorchServe's metrics (declared in the project's ``metrics.yaml``).
 
     Stage times are counters of milliseconds (their rate over the batch count's rate
@@ -187,7 +200,7 @@ def _reason_phrase(status: int) -> str:
     return HTTPStatus(status).phrase
 
 
-def _body_content_type(context, idx: int, request: dict[str, Any]) -> str | None:
+def _body_content_type(context: Context, idx: int, request: dict[str, Any]) -> str | None:
     """The Content-Type of a request's body, as the frontend recorded it."""
     if is_inference_tensor(request):
         return None  # a tensor of a KServe v2 request: not a request of its own

@@ -256,13 +256,13 @@ class Explainer:
         photo = torch.from_numpy(np.array(decoded.image.resize(cover, imaging.OVERLAY_RESAMPLING))) if cover else None
         return PreparedImage(admitted.request.options, admitted.geometry, pixels, photo, admitted.cost)
 
-    def _decode_on_device(self, batch: list[Admitted]) -> list[PreparedImage | Exception]:
+    def _decode_on_device(self, batch: list[Admitted]) -> list[PreparedImage | RequestError]:
         """JPEGs decoded together on the model's device, cropped and scaled there.
 
         What the device's decoder refuses goes through Pillow (``_decode_on_host``).
         """
         images = imaging.decode_jpegs([admitted.request.image for admitted in batch], self.device)
-        prepared: list[PreparedImage | Exception] = []
+        prepared: list[PreparedImage | RequestError] = []
         for admitted, image in zip(batch, images):
             try:
                 if isinstance(image, Exception):
@@ -302,7 +302,9 @@ class Explainer:
         """Logits and the explained layer's feature maps for a uint8 batch (B x H x W x 3)."""
         x = self.normalise(pixels)
         with torch.inference_mode(), FeatureCapture(self.model, self.layer) as capture:
-            logits = self.model(x)
+            logits: torch.Tensor = self.model(x)
+        if capture.features is None:
+            raise RuntimeError(f"the explained layer {self.layer} did not run in the forward pass")
         return logits, capture.features
 
     def forward_stages(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -347,7 +349,7 @@ class Explainer:
         on_device = [i for i, item in enumerate(items) if isinstance(item, Admitted)]
         if on_device:
             try:
-                decoded = self._decode_on_device([items[i] for i in on_device])  # type: ignore[misc]
+                decoded = self._decode_on_device([item for item in items if isinstance(item, Admitted)])
             except Exception as error:
                 decoded = [failure(error, "decoding images on the device")] * len(on_device)
             for i, item in zip(on_device, decoded):
@@ -356,7 +358,7 @@ class Explainer:
         pixels = torch.stack([item.pixels for item in prepared]).to(self.device, non_blocking=True) if prepared else None
         self.timings.decode = _ms_since(start)
         self.timings.batch_size = len(prepared)
-        return Batch(items, pixels)  # type: ignore[arg-type]
+        return Batch([item for item in items if not isinstance(item, Admitted)], pixels)
 
     def infer(self, batch: Batch) -> Inference | RequestError:
         """One forward pass, then DVE, targeted DVE, boxes and stage maps for the whole batch.
@@ -364,7 +366,7 @@ class Explainer:
         Returns the error every prepared request gets if this shared work fails.
         """
         prepared = batch.prepared
-        if not prepared:
+        if not prepared or batch.pixels is None:
             return Inference.empty()
         try:
             return self._infer(prepared, batch.pixels)
@@ -382,7 +384,7 @@ class Explainer:
         probabilities = logits.float().softmax(dim=1)
         k = max(item.options.topk for item in batch)
         top_p, top_i = (t.cpu() for t in probabilities.topk(k, dim=1))
-        classes = [top_i[b, 0].item() if item.options.target is None else item.options.target for b, item in enumerate(batch)]
+        classes = [int(top_i[b, 0]) if item.options.target is None else item.options.target for b, item in enumerate(batch)]
         chosen = probabilities.gather(1, torch.tensor(classes, device=probabilities.device)[:, None])[:, 0].tolist()
         _sync(self.device)
         self.timings.forward = _ms_since(start)
@@ -427,18 +429,19 @@ class Explainer:
             for s, grid in enumerate(inference.stage_maps.get(b, [])):
                 drawings.append(rendering.Drawing(_stage_grid(grid, item.geometry, size[0]), item.geometry, size, item.options.format, photo))
                 owners.append((b, "stage", s))
-        pictures = rendering.draw(drawings)
-        to_encode = [i for i, (d, p) in enumerate(zip(drawings, pictures)) if d.format != "array" and not isinstance(p, Exception)]
-        for i, data in zip(to_encode, rendering.encode_pngs([pictures[i] for i in to_encode])):  # type: ignore[misc]
-            pictures[i] = data  # type: ignore[call-overload]
-        entries: list[dict[str, Any]] = [{} for _ in batch]
+        pictures: list[np.ndarray | bytes | Exception] = list(rendering.draw(drawings))
+        to_encode = [i for i, (d, p) in enumerate(zip(drawings, pictures)) if d.format != "array" and isinstance(p, np.ndarray)]
+        arrays = [picture for i in to_encode if isinstance(picture := pictures[i], np.ndarray)]
+        for i, encoded in zip(to_encode, rendering.encode_pngs(arrays)):
+            pictures[i] = encoded
+        entries: list[dict[tuple[str, int | None], dict[str, Any]]] = [{} for _ in batch]
         problems: dict[int, Exception] = {}
         for (b, name, stage), drawing, picture in zip(owners, drawings, pictures):
             if isinstance(picture, Exception):
                 problems.setdefault(b, picture)
                 continue
             width, height = drawing.size
-            data = picture.tolist() if drawing.format == "array" else _b64(picture)  # type: ignore[union-attr, arg-type]
+            data = _b64(picture) if isinstance(picture, bytes) else picture.tolist()
             entries[b][(name, stage)] = {"format": drawing.format, "width": width, "height": height, "data": data}
         results = []
         for b, item in enumerate(batch):
@@ -485,6 +488,7 @@ class Explainer:
             return None
         weights = torch.ones(features.shape[:2], device=features.device)
         chosen = torch.tensor([classes[b] for b in rows], device=features.device)
+        assert self.classifier is not None  # admit() refused class-conditional requests without one
         weights[torch.tensor(rows, device=features.device)] = self.classifier.weight.detach()[chosen].float()
         return weights
 

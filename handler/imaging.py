@@ -15,10 +15,11 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from math import ceil, floor
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageCms
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 from handler.errors import RequestError
 
@@ -67,7 +68,7 @@ class CropGeometry:
         side = crop_size * min(width, height) / resize_size
         return cls(width, height, (width - side) / 2, (height - side) / 2, side, crop_size)
 
-    def box_to_original(self, box: tuple[float, float, float, float]) -> list[int]:
+    def box_to_original(self, box: Sequence[float]) -> list[int]:
         """Maps a box in input pixels (exclusive ends) to whole original pixels, clamped."""
         scale = self.side / self.input_size
         x0, y0, x1, y1 = box
@@ -163,7 +164,7 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RequestError(f"image is too large: {exc}", 413) from None
-    except Image.UnidentifiedImageError:
+    except UnidentifiedImageError:
         raise RequestError("the data is not an image in a format the server reads (JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF, GIF, ...)") from None
     except Exception as exc:  # Pillow's header parsers fail corrupt data with many exception types
         raise RequestError(f"the image is truncated or corrupt: {exc}") from None
@@ -288,7 +289,7 @@ def _to_rgb(image: Image.Image, factor: int) -> Image.Image:
     return out
 
 
-def _strip_converter(image: Image.Image, factor: int):
+def _strip_converter(image: Image.Image, factor: int) -> Callable[[Image.Image], Image.Image]:
     """A function turning one strip of ``image`` into reduced 8-bit RGB.
 
     Transparent images are reduced premultiplied (a transparent pixel's hidden colour
@@ -331,7 +332,8 @@ def _peak(image: Image.Image) -> float:
     """The value that maps to 255 when a high-bit-depth image becomes 8-bit."""
     if image.mode.startswith("I;16"):
         return 65535.0
-    top = float(image.getextrema()[1])
+    extrema = image.getextrema()
+    top = float(extrema[1])  # type: ignore[arg-type]  # one band: (low, high), not a tuple per band
     if image.mode == "I":
         return 255.0 if top <= 255.0 else 65535.0 if top <= 65535.0 else top
     return 1.0 if top <= 1.0 else top
@@ -456,7 +458,7 @@ def encode_png(array: np.ndarray) -> bytes:
     # (2.0 -> 1.2 ms, 66.4 -> 64.8 KB for a 224 x 149 overlay); smooth gray maps do best
     # with the default strategy.
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY if channels == 1 else zlib.Z_RLE)
-    data = deflate.compress(filtered) + deflate.flush()
+    data = deflate.compress(filtered.data) + deflate.flush()
     return PNG_SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ class FeatureCapture:
         self.features: torch.Tensor | None = None
         self._handle: torch.utils.hooks.RemovableHandle | None = None
 
-    def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         self.features = inputs[0] if self.layer.capture == "input" else output
 
     def __enter__(self) -> "FeatureCapture":
@@ -72,7 +72,7 @@ class FeatureCapture:
         self._handle = self.module.register_forward_hook(self._hook)
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -123,8 +123,8 @@ class StageCapture:
         self._calls: dict[str, int] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
-    def _hook_for(self, name: str):
-        def hook(module: nn.Module, inputs: tuple, output) -> None:
+    def _hook_for(self, name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             call = self._calls.get(name, 0)
             self._calls[name] = call + 1
             for i in self._by_module[name]:
@@ -145,7 +145,7 @@ class StageCapture:
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -183,15 +183,15 @@ def _trace_calls(model: nn.Module, example: torch.Tensor, *, all_modules: bool =
     clock = [0]
     handles = []
 
-    def enter(name: str):
-        def pre_hook(module: nn.Module, inputs: tuple) -> None:
+    def enter(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def pre_hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
             starts.setdefault(name, []).append(clock[0])
             clock[0] += 1
 
         return pre_hook
 
-    def record(name: str):
-        def hook(module: nn.Module, inputs: tuple, output) -> None:
+    def record(name: str) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
             call = counts.get(name, 0)
             counts[name] = call + 1
             start = starts[name].pop() if starts.get(name) else clock[0]

@@ -49,13 +49,15 @@ def build_model(
     if architecture == EFFICIENTNET_LITE0:
         from efficientnet_lite_pytorch import EfficientNet
 
-        return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+        model: nn.Module = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+        return model
     if architecture == CUSTOM:
         if model_file is None or not model_class:
             raise ValueError("a custom model needs model_file and model_class")
         return _custom_class(Path(model_file), model_class)(**dict(model_kwargs or {}))
     if architecture in torchvision_classifiers():
-        return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+        classifier: nn.Module = torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+        return classifier
     raise ValueError(
         f"unknown architecture {architecture!r}: use {EFFICIENTNET_LITE0!r}, {CUSTOM!r} "
         "or a torchvision classifier name (torchvision.models.list_models())"

@@ -283,7 +283,7 @@ def parse_flag(value: Any, name: str) -> bool:
 def _format(value: Any) -> str:
     if value not in FORMATS:
         raise RequestError(f"'format' must be one of {list(FORMATS)}, got {_shown(value)}")
-    return value
+    return str(value)
 
 
 def _map_size(value: Any, limits: Limits) -> int | None:

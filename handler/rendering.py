@@ -111,7 +111,7 @@ CACHED_WEIGHTS_MAX_VALUES = 16_384
 
 @lru_cache(maxsize=256)
 def _cached_axis_weights(out_n: int, full: float, start: float, side: float, n_in: int) -> np.ndarray:
-    weights = _axis_weights(out_n, np.array([[full, start, side]]), n_in)[0]
+    weights: np.ndarray = _axis_weights(out_n, np.array([[full, start, side]]), n_in)[0]
     weights.setflags(write=False)  # shared by every later caller
     return weights
 
@@ -133,7 +133,7 @@ def _axis_weights(out_n: int, geometry: np.ndarray, n_in: int) -> np.ndarray:
     # Each cell's weight sums the taps that land on it (clamped taps share a border cell).
     weights = np.einsum("gok,gokn->gon", taps, index[..., None] == np.arange(n_in))
     weights[np.abs(grid) > 1.0] = 0.0
-    return weights.astype(np.float32)
+    return np.asarray(weights, dtype=np.float32)
 
 
 def to_uint8(map01: torch.Tensor) -> torch.Tensor:
@@ -245,6 +245,7 @@ def _to_host(count: int, blocks: list[tuple[list[int], torch.Tensor]], failed: d
     results: list[np.ndarray | Exception] = [failed.get(i, RuntimeError("not drawn")) for i in range(count)]
     for (members, block), offset in zip(blocks, offsets):
         raw = host[offset : offset + block.numel() * block.element_size()]
+        values: np.ndarray
         if block.dtype == torch.float32:
             values = raw.view(np.float32).reshape(block.shape).astype(np.float64).round(ARRAY_DECIMALS)
         else:

@@ -16,7 +16,7 @@ from PIL import Image
 from handler.config import RequestDefaults
 from handler.errors import INTERNAL_ERROR_MESSAGE, RequestError
 from handler.explainer import Explainer
-from handler.options import ParsedRequest, RequestOptions
+from handler.options import OPTION_NAMES, ParsedRequest, RequestOptions
 from tests.conftest import SCENE_SIDE, centred_gaussian, hottest_in
 
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egyptian cat
@@ -186,7 +186,9 @@ def test_defaults_match_the_documented_ones():
     assert documented["limits"] == asdict(Limits())
     table = readme_option_defaults()
     code = RequestDefaults()
-    assert table.keys() == {f.name for f in fields(RequestDefaults)}
+    # Every option is in the table; the one an archive sets no default for says "none".
+    assert table.keys() == set(OPTION_NAMES) == {f.name for f in fields(RequestDefaults)} | {"target"}
+    assert table.pop("target") == "none" and RequestOptions(5, (), "png", 224).target is None
     assert table["explanations"] == "both" and code.explanations == ("dve", "targeted_dve")
     assert {k: v.strip("`") for k, v in table.items() if k != "explanations"} == {
         k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in asdict(code).items() if k != "explanations"
