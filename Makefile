@@ -2,6 +2,7 @@
 #   make serve   install what is missing, build the default archive, start TorchServe
 #   make stop    stop it (and the viewer page of make demo)
 #   make demo    TorchServe if it is not running, and the viewer page on port PORT_BASE+3
+#   make lint    ruff (lint, format) and mypy --strict on handler/; make test runs it first
 #   make test    unit and integration tests (starts its own TorchServe on other ports)
 #   make bench   what explaining costs next to the prediction, measured side by side
 #   make loadtest  Locust load test and served comparison with the stock handler
@@ -25,19 +26,21 @@ export PORT_BASE
 PY := $(VENV)/bin/python
 HANDLER_SOURCES := $(wildcard handler/*.py)
 
-.PHONY: prereqs serve demo stop test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase overload install install-dev archives samples clean
+.PHONY: prereqs serve demo stop lint test bench gpu-bundle gpu-check evaluate figures stages loadtest scaling faults soak worstcase overload install install-dev archives samples clean
 
 # Python 3.11/3.12, Java 17+ and the disk an install needs, each missing one named in a
 # line, before anything is installed; creates the environment if it is not there.
 prereqs:
 	@PYTHON="$(PYTHON)" bash scripts/prereqs.sh $(VENV)
 
-$(VENV)/.runtime: requirements.txt | prereqs
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+# The project itself, editable (its packages import from the checkout, no path edits),
+# with the dependencies pyproject.toml lists: runtime ones, then the dev extra's.
+$(VENV)/.runtime: pyproject.toml | prereqs
+	$(PY) -m pip install --disable-pip-version-check -q -e .
 	@touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
 	@touch $@
 
 install: $(VENV)/.runtime
@@ -62,8 +65,15 @@ demo: archives samples
 stop:
 	@if test -x $(PY); then $(PY) -m viewer.server stop; $(PY) scripts/server.py stop; else echo "nothing to stop"; fi
 
-# pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: $(VENV)/.dev
+# ruff (lint and format) on everything, mypy --strict on handler/ (settings in pyproject.toml).
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Lint first, then the suite. pytest exits 5 when it collected no test: that is a failure
+# here, never a pass.
+test: lint
 	$(PY) -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
 

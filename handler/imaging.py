@@ -23,7 +23,7 @@ from PIL import Image, ImageCms, UnidentifiedImageError
 
 from handler.errors import RequestError
 
-try:  # HEIC/HEIF (iPhone photos); requirements.txt installs it. The GPU check's bare machine
+try:  # HEIC/HEIF (iPhone photos); pyproject.toml's dependencies install it. The GPU check's bare machine
     # (scripts/gpu_bundle.py: PyTorch and Pillow only) has not got it and reads every other format.
     import pillow_heif
 except ImportError:

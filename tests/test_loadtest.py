@@ -40,6 +40,7 @@ def test_a_short_locust_run_of_the_mix_has_no_failure(server, tmp_path):
     results = tmp_path / "requests.jsonl"
     code = run_locust(server, "mix", users=2, duration=8, prefix=tmp_path / "mix", results=results)
     summary = summarize(results, {"mix": 8})["mix"]
-    assert code == 0 and summary["requests"] >= 5 and summary["failures"] == 0, summary
+    # each user answered at least once (a loaded machine may allow no more in 8 s), none failed
+    assert code == 0 and summary["requests"] >= 2 and summary["failures"] == 0, summary
     assert (tmp_path / "mix_stats.csv").exists()
     assert all(json.loads(line)["ok"] for line in results.read_text().splitlines())

@@ -128,7 +128,7 @@ def _chromium() -> tuple[str, str]:
 def browser():
     """Headless Chromium through chromedriver, with a fresh profile; always quit."""
     browser_path, driver_path = _chromium()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: pip install -r requirements-dev.txt")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: make install-dev (pip install -e '.[dev]')")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
