@@ -43,7 +43,7 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
-model_store/efficientnet_lite0.mar: $(VENV)/.runtime $(HANDLER_SOURCES) scripts/build_mar.py
+model_store/efficientnet_lite0.mar: $(VENV)/.runtime $(HANDLER_SOURCES) scripts/build_mar.py serving/archive.py
 	$(PY) scripts/build_mar.py efficientnet_lite0
 
 archives: model_store/efficientnet_lite0.mar
