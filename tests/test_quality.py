@@ -161,3 +161,21 @@ def _request(image: bytes):
     from handler.options import ParsedRequest, RequestOptions
 
     return ParsedRequest(image, RequestOptions(1, (), "png", None))
+
+
+def test_dve_and_targeted_dve_share_one_explanation_only_through_the_cache_they_are_given(lite0_explainer, photos, monkeypatch):
+    crops = torch.stack([lite0_explainer.prepare(_request(photos["chelsea"])).pixels])
+    batch = saliency.forward_batch(lite0_explainer, crops)
+    params = lite0_explainer.config.dve
+    calls = []
+    explain = saliency.dve.explain
+    monkeypatch.setattr(saliency.dve, "explain", lambda *args: calls.append(1) or explain(*args))
+    shared = saliency.ExplanationCache()
+    dve, targeted = saliency.DVEMap("dve", params, cache=shared), saliency.DVEMap("targeted", params, targeted=True, cache=shared)
+    first = (dve.maps(lite0_explainer, batch), targeted.maps(lite0_explainer, batch))
+    assert len(calls) == 1  # one dve.explain call for both maps, as in the handler
+    alone = saliency.DVEMap("dve", params), saliency.DVEMap("targeted", params, targeted=True)
+    assert all(torch.equal(m.maps(lite0_explainer, batch), f) for m, f in zip(alone, first)) and len(calls) == 3  # no state shared
+    targeted.forget()
+    dve.maps(lite0_explainer, batch)
+    assert len(calls) == 4  # forgotten by both: their cache is one object
