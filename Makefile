@@ -46,7 +46,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
 
-model_store/efficientnet_lite0.mar: $(VENV)/.runtime $(HANDLER_SOURCES) scripts/build_mar.py
+model_store/efficientnet_lite0.mar: $(VENV)/.runtime $(HANDLER_SOURCES) scripts/build_mar.py serving/archive.py
 	$(PY) scripts/build_mar.py efficientnet_lite0
 
 archives: model_store/efficientnet_lite0.mar

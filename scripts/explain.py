@@ -6,43 +6,26 @@
                               [--explanations dve,targeted_dve] [--device auto]
 
 The archive is loaded exactly as a TorchServe worker loads it (its model, weights,
-labels and ``model-config.yaml``), and each image is answered by the same ``Explainer``
-the handler runs. For each image it writes ``<image>.json`` (the JSON the server would
-return), the maps as PNG files and an overlay with the salient box (as
-``scripts/client.py`` does), and prints the top predictions. Useful to debug a model
+labels and ``model-config.yaml``: ``handler.loading.load_archive``), and each image is
+answered by the same ``Explainer`` the handler runs. For each image it writes
+``<image>.json`` (the JSON the server would return), the maps as PNG files and an
+overlay with the salient box (as ``scripts/client.py`` does), and prints the top
+predictions. Useful to debug a model
 offline, or to explain images in bulk.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
-import torch
-import yaml
+from handler.errors import RequestError
+from handler.loading import DEVICES, choose_device, load_archive
+from handler.options import parse_request
+from serving.client import save_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from handler.errors import RequestError  # noqa: E402
-from handler.explainer import Explainer  # noqa: E402
-from handler.options import parse_request  # noqa: E402
-from scripts.client import save_outputs  # noqa: E402
-
-
-def load_archive(archive: Path, device: torch.device) -> Explainer:
-    """Extracts a .mar and builds the explainer a worker would build from it."""
-    folder = Path(tempfile.mkdtemp(prefix="explain_"))
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(folder)
-    manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-    config_file = folder / manifest.get("configFile", "model-config.yaml")
-    model_yaml = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
-    return Explainer.from_model_dir(folder, manifest, model_yaml, device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,12 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topk", default="5")
     parser.add_argument("--map-size", default="224", help='long side of the maps in pixels, or "original"')
     parser.add_argument("--explanations", default="dve,targeted_dve")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", choices=list(DEVICES))
     args = parser.parse_args(argv)
     if not args.archive.is_file():
         print(f"error: no archive {args.archive}; build one with scripts/build_mar.py (make archives)", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = choose_device(args.device)
     explainer = load_archive(args.archive, device)
     config = explainer.config
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,33 +1,31 @@
 #!/usr/bin/env python3
 """Write real photographs that ship with scikit-image to build/samples/ (JPEG and PNG).
 
-They are the example images of the README, the client and `make serve`'s printed request.
+They are the example images of the README, the client and `make serve`'s printed request
+(``evaluation.photos.write_samples``).
+
+    python scripts/samples.py [FOLDER]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-import skimage.data
-from PIL import Image
+from evaluation.photos import write_samples
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = {"chelsea.jpg": "chelsea", "coffee.jpg": "coffee", "rocket.jpg": "rocket", "astronaut.png": "astronaut"}
 
 
-def write_samples(folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for filename, name in PHOTOS.items():
-        path = folder / filename
-        if not path.exists():
-            Image.fromarray(getattr(skimage.data, name)()).save(path, quality=92)
-        written.append(path)
-    return written
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", nargs="?", type=Path, default=ROOT / "build" / "samples")
+    args = parser.parse_args(argv)
+    for path in write_samples(args.folder):
+        print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    return 0
 
 
 if __name__ == "__main__":
-    folder = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "build" / "samples"
-    for path in write_samples(folder):
-        print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+    sys.exit(main())

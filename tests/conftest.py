@@ -1,43 +1,50 @@
-"""Shared fixtures: the repository on sys.path, real photos, the real default model."""
+"""Shared fixtures: real photos, the real default model, the test archives and server.
+
+The packages (handler, evaluation, serving) are imported as installed (``make install-dev``
+installs the project in editable mode), or from the repository root on PYTHONPATH.
+"""
 
 from __future__ import annotations
 
-import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from evaluation.photos import SAMPLES, encode_image, sample_jpegs
+from serving import server as ts_server  # the same start/stop and ports as `make serve`
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from scripts import server as ts_server  # noqa: E402  (the same start/stop and ports as `make serve`)
 
 
-def encode(array_or_image, fmt: str = "JPEG", **save_args) -> bytes:
-    """Image bytes of a numpy array or PIL image."""
-    from PIL import Image
+def run_script(script: str, *args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs one of the command lines (``scripts/client.py``, ...) as a user would, from the
+    repository root with this Python: its exit code, stdout and stderr."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
-    image = array_or_image if isinstance(array_or_image, Image.Image) else Image.fromarray(array_or_image)
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **save_args)
-    return buffer.getvalue()
+
+def cli(script: str, *args: str | Path) -> int:
+    """``run_script``, its output written to this process's stdout and stderr (where pytest's
+    ``capsys`` reads it, as if the command had run in-process); its exit code."""
+    done = run_script(script, *args)
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done.returncode
 
 
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
-    """Real photographs shipped with scikit-image, as JPEG bytes (or from $DVE_PHOTO_DIR's JPEGs
-    where scikit-image is not installed: the GPU check's bundle, scripts/gpu_bundle.py)."""
-    names = ("chelsea", "coffee", "rocket", "astronaut")
-    if os.environ.get("DVE_PHOTO_DIR"):
-        return {name: (Path(os.environ["DVE_PHOTO_DIR"]) / f"{name}.jpg").read_bytes() for name in names}
-    import skimage.data
-
-    return {name: encode(getattr(skimage.data, name)(), quality=92) for name in names}
+    """scikit-image's sample photographs as JPEG bytes (or from $DVE_PHOTO_DIR's JPEGs where
+    scikit-image is not installed: the GPU check's bundle, scripts/gpu_bundle.py)."""
+    return sample_jpegs(SAMPLES)
 
 
-# Objects of the localisation set (scripts/quality.py, boxes drawn by hand) pasted into a
+# Objects of the localisation set (evaluation/photos.py, boxes drawn by hand) pasted into a
 # corner of a 256 x 256 texture, 110 pixels long, 20 pixels in from the edges: inside the
 # model's centre crop (the middle 224 x 224), away from the image's centre.
 OFF_CENTRE = [("cat", "grass", "top-left"), ("cat", "brick", "bottom-right"), ("cup", "gravel", "top-right"), ("cup", "grass", "bottom-left")]
@@ -50,20 +57,20 @@ def off_centre_objects() -> list[tuple[str, bytes, tuple[int, int, int, int]]]:
     import numpy as np
     from PIL import Image
 
-    from scripts import quality
+    from evaluation import photos
 
     scenes = []
     for name, texture, corner in OFF_CENTRE:
-        photo, (x0, y0, x1, y1) = quality.OBJECTS[name]
-        crop = Image.fromarray(quality.load_photos([photo])[photo][y0:y1, x0:x1])
+        photo, (x0, y0, x1, y1) = photos.OBJECTS[name]
+        crop = Image.fromarray(photos.load_photos([photo])[photo][y0:y1, x0:x1])
         scale = 110 / max(crop.size)
         fitted = np.asarray(crop.resize((round(crop.width * scale), round(crop.height * scale)), Image.BICUBIC))
-        canvas = quality.rgb(quality.TEXTURES[texture]())[:SCENE_SIDE, :SCENE_SIDE].copy()
+        canvas = photos.rgb(photos.TEXTURES[texture]())[:SCENE_SIDE, :SCENE_SIDE].copy()
         height, width = fitted.shape[:2]
         left = 20 if corner.endswith("left") else SCENE_SIDE - 20 - width
         top = 20 if corner.startswith("top") else SCENE_SIDE - 20 - height
         canvas[top : top + height, left : left + width] = fitted
-        scenes.append((f"{name} {corner} on {texture}", encode(canvas, "PNG"), (left, top, left + width, top + height)))
+        scenes.append((f"{name} {corner} on {texture}", encode_image(canvas, "PNG"), (left, top, left + width, top + height)))
     return scenes
 
 
@@ -90,7 +97,7 @@ def lite0_explainer():
     """The default model with its real ImageNet weights, as the handler configures it."""
     import torch
 
-    from scripts.bench import make_explainer
+    from handler.loading import make_explainer
 
     return make_explainer("efficientnet_lite0", torch.device("cpu"))
 
@@ -136,28 +143,28 @@ def tiny_net_weights(path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory) -> Path:
-    """Archives built by scripts/build_mar.py exactly as a user would build them.
+    """Archives built as scripts/build_mar.py builds them (``serving.archive.build``).
 
     * efficientnet_lite0: the default, real ImageNet weights;
     * vgg16: the paper's model (random weights: nothing here can fetch the real ones);
     * brightness: a user's own 2-class model with its own label file.
     A long batch delay makes concurrent test requests share a batch.
     """
-    from scripts import build_mar
+    from serving.archive import ArchiveOptions, build
 
     store = tmp_path_factory.mktemp("model_store")
     work = tmp_path_factory.mktemp("custom_model")
     (work / "tiny_net.py").write_text(TINY_NET)
     tiny_net_weights(work / "tiny_net.pth")
     (work / "labels.txt").write_text("dark\nbright\n")
-    common = ["--export-path", str(store), "--max-batch-delay", "200"]
-    assert build_mar.main(["efficientnet_lite0", *common]) == 0
-    assert build_mar.main(["vgg16", "--random-weights", *common]) == 0
-    assert build_mar.main([
-        "custom", "--name", "brightness", "--model-file", str(work / "tiny_net.py"), "--model-class", "BrightnessNet",
-        "--weights", str(work / "tiny_net.pth"), "--labels", str(work / "labels.txt"),
-        "--resize-size", "64", "--crop-size", "64", "--mean", "0", "0", "0", "--std", "1", "1", "1", *common,
-    ]) == 0
+    common = {"export_path": store, "max_batch_delay": 200}
+    build(ArchiveOptions("efficientnet_lite0", **common))
+    build(ArchiveOptions("vgg16", random_weights=True, **common))
+    build(ArchiveOptions(
+        "custom", name="brightness", model_file=work / "tiny_net.py", model_class="BrightnessNet",
+        weights=work / "tiny_net.pth", labels=work / "labels.txt",
+        resize_size=64, crop_size=64, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], **common,
+    ))
     return store
 
 

@@ -1,5 +1,5 @@
 """503 (a full queue) is retried with exponential backoff and jitter, within bounds:
-the policy itself, and scripts/client.py against a tiny local HTTP server."""
+the policy itself, and the client (serving/client.py) against a tiny local HTTP server."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from scripts import client
-from scripts.backoff import NO_RETRY, Backoff, call, retry_after_seconds
+from serving import client
+from serving.backoff import NO_RETRY, Backoff, call, retry_after_seconds
 
 FAST = Backoff(tries=4, base=0.02, cap=0.05, budget=1.0)
 ANSWER = {"predictions": [{"index": 1, "label": "x", "probability": 1.0}]}
@@ -138,7 +138,7 @@ def test_locust_users_retry_503_unless_told_not_to(scripted_server, tmp_path, re
     """Locust (the stock scenario's check) against a server answering 503, 503, 200, 503, ..."""
     from types import SimpleNamespace
 
-    from loadtest.run import start_locust
+    from serving.load.runner import start_locust
 
     url, seen = scripted_server([(503, {}), (503, {}), (200, {})], cycle=True, answer={str(i): 0.2 for i in range(5)})
     (tmp_path / "key_file.json").write_text(json.dumps({"inference": {"key": "k"}}))

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from handler.config import Limits
-from tests.conftest import encode
+from evaluation.photos import encode_image as encode
 from tests.test_integration import batch_totals, batches_since, post, post_image, worker_pids
 
 MODEL = "efficientnet_lite0"

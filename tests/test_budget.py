@@ -14,7 +14,7 @@ from handler import budget
 from handler.config import Limits
 from handler.imaging import CropGeometry
 from handler.options import ParsedRequest, RequestOptions
-from tests.conftest import encode
+from evaluation.photos import encode_image as encode
 
 BOTH = ("dve", "targeted_dve")
 
@@ -112,7 +112,7 @@ def test_an_overlay_decodes_the_photo_large_enough_for_its_maps(lite0_explainer)
 
 
 def test_an_archive_sets_its_own_limits():
-    from scripts.build_mar import BuildError, limits
+    from serving.archive import BuildError, limits
 
     assert limits([]) == Limits()
     assert limits(["max_rendered_pixels=30000000", "max_map_size=8192"]) == Limits(max_rendered_pixels=30_000_000, max_map_size=8192)

@@ -1,4 +1,4 @@
-"""scripts/client.py as people script with it, against the real TorchServe of the session:
+"""scripts/client.py as people script with it (run as a command), against the real TorchServe of the session:
 each file answered on its own, raw JSON lines, the API's options as flags."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts import client
+from evaluation.photos import CAT_CLASSES
+from tests.conftest import cli
 
-CAT_CLASSES = range(281, 286)  # ImageNet's domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def files(tmp_path, photos) -> dict[str, Path]:
 
 
 def run(server, *args: str | Path) -> int:
-    return client.main([*map(str, args), "--url", server.inference_url, "--key-file", str(server.key_file)])
+    return cli("scripts/client.py", *args, "--url", server.inference_url, "--key-file", server.key_file)
 
 
 def test_every_file_is_answered_on_its_own_and_the_exit_status_says_some_failed(server, files, tmp_path, capsys):
@@ -81,15 +81,13 @@ def test_no_maps_asked_prints_the_classes_only(server, files, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag", [["--explanations", "heatmap"], ["--map-size", "big"], ["--format", "jpeg"]])
 def test_a_wrong_flag_is_a_usage_error_before_anything_is_sent(flag, files, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        client.main([str(files["chelsea"]), *flag])
-    assert exit_.value.code == 2 and flag[1] in capsys.readouterr().err
+    assert cli("scripts/client.py", files["chelsea"], *flag) == 2 and flag[1] in capsys.readouterr().err
 
 
 def test_a_server_that_is_not_running_is_named(files, tmp_path, capsys):
     key_file = tmp_path / "key_file.json"
     key_file.write_text(json.dumps({"inference": {"key": "k"}}))
-    status = client.main([str(files["chelsea"]), "--url", "http://127.0.0.1:9", "--key-file", str(key_file)])
+    status = cli("scripts/client.py", files["chelsea"], "--url", "http://127.0.0.1:9", "--key-file", key_file)
     assert status == 1 and "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
 
 

@@ -21,7 +21,8 @@ from PIL import Image
 
 from handler import imaging
 from handler.options import ParsedRequest, RequestOptions
-from tests.conftest import encode
+from evaluation.photos import SAMPLES
+from evaluation.photos import encode_image as encode
 
 OPTIONS = RequestOptions(5, ("dve", "targeted_dve"), "overlay", 224)
 
@@ -102,7 +103,7 @@ def test_what_the_device_refuses_goes_through_pillow(lite0_explainer, photos):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nvjpeg_matches_the_cpu_decoder(photos):
-    data = [photos[name] for name in ("chelsea", "coffee", "rocket", "astronaut")]
+    data = [photos[name] for name in SAMPLES]
     on_cpu = imaging.decode_jpegs(data, torch.device("cpu"))
     on_gpu = imaging.decode_jpegs(data, torch.device("cuda"))
     for a, b in zip(on_cpu, on_gpu):

@@ -6,7 +6,7 @@ import json
 
 import requests
 
-from scripts import explain
+from tests.conftest import cli
 
 
 def test_offline_answer_equals_the_served_one(server, model_store, photos, tmp_path):
@@ -14,7 +14,7 @@ def test_offline_answer_equals_the_served_one(server, model_store, photos, tmp_p
     image.write_bytes(photos["chelsea"])
     bad = tmp_path / "notes.jpg"
     bad.write_text("not an image")
-    code = explain.main([str(image), str(bad), "--archive", str(model_store / "efficientnet_lite0.mar"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    code = cli("scripts/explain.py", image, bad, "--archive", model_store / "efficientnet_lite0.mar", "--out", tmp_path / "out", "--device", "cpu")
     assert code == 1  # one of the two files is no image
     offline = json.loads((tmp_path / "out" / "chelsea.json").read_text())
     served = requests.post(

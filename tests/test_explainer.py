@@ -13,13 +13,13 @@ import pytest
 import yaml
 from PIL import Image
 
+from evaluation.photos import CAT_CLASSES, SAMPLES, encode_image
 from handler.config import RequestDefaults
 from handler.errors import INTERNAL_ERROR_MESSAGE, RequestError
 from handler.explainer import Explainer
 from handler.options import OPTION_NAMES, ParsedRequest, RequestOptions
 from tests.conftest import SCENE_SIDE, centred_gaussian, hottest_in
 
-CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
 DEFAULT = RequestOptions(topk=5, explanations=("dve", "targeted_dve"), format="png", map_size=224)
 
@@ -78,7 +78,7 @@ def test_no_explanations_gives_the_prediction_alone(lite0_explainer, photos):
 
 
 def test_batch_answers_each_request_as_if_alone(lite0_explainer, photos):
-    names = ["chelsea", "coffee", "rocket", "astronaut"]
+    names = list(SAMPLES)
     options = [DEFAULT, RequestOptions(2, ("targeted_dve",), "png", 64), DEFAULT, RequestOptions(1, (), "png", 224)]
     batch = lite0_explainer.run([ParsedRequest(photos[n], o) for n, o in zip(names, options)])
     for name, option, result in zip(names, options, batch):
@@ -139,9 +139,7 @@ def test_a_failed_forward_pass_fails_its_batch_requests_but_not_the_bad_ones(lit
 
 def test_too_large_float_array_is_refused_with_a_hint(lite0_explainer, photos):
     big = Image.open(io.BytesIO(photos["coffee"])).resize((1800, 1200))
-    buffer = io.BytesIO()
-    big.save(buffer, "JPEG")
-    result = lite0_explainer.run([ParsedRequest(buffer.getvalue(), RequestOptions(5, ("dve",), "array", None))])[0]
+    result = lite0_explainer.run([ParsedRequest(encode_image(big, "JPEG"), RequestOptions(5, ("dve",), "array", None))])[0]
     # 1254 x 836 = 1,048,344 values is the largest map within the 1,048,576 allowed
     assert result.status == 413 and "map_size of at most 1254" in result.body["message"]
 
@@ -184,7 +182,7 @@ def test_defaults_match_the_documented_ones():
     assert documented["defaults"] == {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(RequestDefaults()).items()}
     assert documented["dve"] == asdict(DVEParams())
     assert documented["limits"] == asdict(Limits())
-    table = readme_option_defaults()
+    table = {name: default for name, default in readme_option_defaults().items() if default != "none"}  # target: no default
     code = RequestDefaults()
     # Every option is in the table; the one an archive sets no default for says "none".
     assert table.keys() == set(OPTION_NAMES) == {f.name for f in fields(RequestDefaults)} | {"target"}
@@ -222,7 +220,7 @@ LITE0_STAGES = [
 
 
 def test_stages_are_answered_to_the_requests_that_ask_and_the_others_are_unchanged(lite0_explainer, photos):
-    names = ["chelsea", "coffee", "rocket", "astronaut"]
+    names = list(SAMPLES)
     asked = [
         RequestOptions(5, ("dve", "targeted_dve"), "png", 224, stages=True),
         DEFAULT,

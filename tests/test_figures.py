@@ -1,4 +1,4 @@
-"""scripts/figures.py: ground truth, the handler's numbers, the blur sweep, the PNGs."""
+"""scripts/figures.py (evaluation/figures.py): ground truth, the handler's numbers, the blur sweep, the PNGs."""
 
 from __future__ import annotations
 
@@ -10,20 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
+from evaluation import figures, saliency
+from evaluation.photos import PHOTOS, TRUTH, Truth, load_photos
+from evaluation.photos import encode_image as encode
 from handler import imaging
 from handler.models import imagenet_labels
 from handler.options import ParsedRequest, RequestOptions
-from scripts import figures, quality
-from tests.conftest import encode
+from tests.conftest import cli
 
 LABELS = imagenet_labels()
 
 
 def test_judge_right_wrong_unknown():
-    cat = figures.Truth("a cat", frozenset({281, 282, 285}), "")
+    cat = Truth("a cat", frozenset({281, 282, 285}), "")
     assert figures.judge(285, cat) == figures.RIGHT
     assert figures.judge(283, cat) == figures.WRONG
-    assert figures.judge(665, figures.Truth("a motorcycle", frozenset(), "")) == figures.WRONG  # no class is right
+    assert figures.judge(665, Truth("a motorcycle", frozenset(), "")) == figures.WRONG  # no class is right
     assert figures.judge(285, None) == figures.UNKNOWN
 
 
@@ -38,21 +40,21 @@ def test_parse_truth_indices_labels_and_errors():
 
 def test_truth_table_names_every_class_it_counts():
     """Each default photo has a truth, and its reason names every class it counts as right."""
-    assert set(figures.DEFAULT_IMAGES) <= set(figures.TRUTH) <= set(quality.PHOTOS)
-    for name, truth in figures.TRUTH.items():
+    assert set(figures.DEFAULT_IMAGES) <= set(TRUTH) <= set(PHOTOS)
+    for name, truth in TRUTH.items():
         named = {int(i) for i in re.findall(r"\((\d+)", truth.reason)}
         assert truth.classes <= named, name
         assert all(0 <= c < 1000 for c in truth.classes)
-    assert figures.default_truths(SimpleNamespace(labels=LABELS)) == figures.TRUTH
+    assert figures.default_truths(SimpleNamespace(labels=LABELS)) == TRUTH
     assert figures.default_truths(SimpleNamespace(labels=["dark", "bright"])) == {}  # not ImageNet: no truth
 
 
 def test_default_photos_hold_right_and_wrong_answers(lite0_explainer):
     """As the paper's Fig. 4: the default grid shows correct and incorrect predictions."""
-    photos = quality.load_photos(list(figures.DEFAULT_IMAGES))
-    pixels = torch.stack([quality.model_crop(lite0_explainer, photos[name]) for name in figures.DEFAULT_IMAGES])
-    classes = quality.forward_batch(lite0_explainer, pixels).classes.tolist()
-    verdicts = {name: figures.judge(c, figures.TRUTH[name]) for name, c in zip(figures.DEFAULT_IMAGES, classes)}
+    photos = load_photos(list(figures.DEFAULT_IMAGES))
+    pixels = torch.stack([saliency.model_crop(lite0_explainer, photos[name]) for name in figures.DEFAULT_IMAGES])
+    classes = saliency.forward_batch(lite0_explainer, pixels).classes.tolist()
+    verdicts = {name: figures.judge(c, TRUTH[name]) for name, c in zip(figures.DEFAULT_IMAGES, classes)}
     assert verdicts == {"chelsea": "right", "coffee": "right", "rocket": "right", "astronaut": "wrong", "motorcycle_left": "wrong"}
 
 
@@ -65,9 +67,9 @@ def _served(explainer, image_bytes: bytes) -> tuple[dict, object]:
 
 
 def test_grid_row_is_what_the_handler_answers(lite0_explainer):
-    photo = quality.load_photos(["chelsea"])["chelsea"]
+    photo = load_photos(["chelsea"])["chelsea"]
     data = imaging.encode_png(photo)
-    (row,) = figures.grid_rows(lite0_explainer, [("chelsea", data)], figures.TRUTH)
+    (row,) = figures.grid_rows(lite0_explainer, [("chelsea", data)], TRUTH)
     body, geometry = _served(lite0_explainer, data)
     assert row.top == body["predictions"][0]["index"]
     assert row.probability == pytest.approx(body["predictions"][0]["probability"], abs=1e-5)
@@ -80,8 +82,8 @@ def test_grid_row_maps_and_box_match_the_slow_reference(lite0_explainer):
     """The row's maps and box, recomputed from the crop with a hook of our own and the numpy reference."""
     from tests.test_dve import reference_bicubic, reference_explain
 
-    photo = quality.load_photos(["chelsea"])["chelsea"]
-    (row,) = figures.grid_rows(lite0_explainer, [("chelsea", imaging.encode_png(photo))], figures.TRUTH)
+    photo = load_photos(["chelsea"])["chelsea"]
+    (row,) = figures.grid_rows(lite0_explainer, [("chelsea", imaging.encode_png(photo))], TRUTH)
     config = lite0_explainer.config
     x = (row.pixels.permute(2, 0, 1).double() / 255 - torch.tensor(config.mean)[:, None, None]) / torch.tensor(config.std)[:, None, None]
     captured = []
@@ -118,8 +120,8 @@ def test_blur_is_torchvisions_two_dimensional_gaussian_blur():
 
 
 def test_blur_sweep_starts_at_the_handler_answer_and_loses_the_cat(lite0_explainer):
-    data = imaging.encode_png(quality.load_photos(["chelsea"])["chelsea"])
-    original, steps = figures.blur_sweep(lite0_explainer, quality.model_crop(lite0_explainer, data), [0, 16], figures.TRUTH["chelsea"])
+    data = imaging.encode_png(load_photos(["chelsea"])["chelsea"])
+    original, steps = figures.blur_sweep(lite0_explainer, saliency.model_crop(lite0_explainer, data), [0, 16], TRUTH["chelsea"])
     body, _ = _served(lite0_explainer, data)
     unblurred, blurred = steps
     assert original == unblurred.top == body["predictions"][0]["index"]
@@ -138,7 +140,7 @@ def _png_size(path) -> tuple[int, int]:
 
 
 def test_grid_png_has_its_size_and_the_crop_in_place(lite0_explainer, tmp_path):
-    rows = figures.grid_rows(lite0_explainer, [("coffee", quality.load_photos(["coffee"])["coffee"])], figures.TRUTH)
+    rows = figures.grid_rows(lite0_explainer, [("coffee", load_photos(["coffee"])["coffee"])], TRUTH)
     out = tmp_path / "grid.png"
     size = figures.draw_grid(rows, LABELS, "efficientnet_lite0", out)
     width, height = figures.grid_size(1)
@@ -153,10 +155,9 @@ def test_grid_png_has_its_size_and_the_crop_in_place(lite0_explainer, tmp_path):
     assert np.abs(patch - crop).max() < 12
 
 
-def test_blur_command_prints_the_table_and_writes_the_png(lite0_explainer, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(figures, "make_model", lambda archive, device: (lite0_explainer, "efficientnet_lite0"))
+def test_blur_command_prints_the_table_and_writes_the_png(tmp_path, capsys):
     out = tmp_path / "blur.png"
-    assert figures.main(["blur", "--image", "chelsea", "--sigmas", "0", "2", "16", "--out", str(out)]) == 0
+    assert cli("scripts/figures.py", "blur", "--image", "chelsea", "--sigmas", "0", "2", "16", "--out", out, "--device", "cpu") == 0
     width, height = figures.blur_size(3)
     assert _png_size(out) == (round(width * figures.DPI), round(height * figures.DPI))
     printed = capsys.readouterr().out
@@ -164,14 +165,13 @@ def test_blur_command_prints_the_table_and_writes_the_png(lite0_explainer, tmp_p
     assert out.stat().st_size < 1_500_000
 
 
-def test_grid_command_judges_a_users_photo_only_with_truth(lite0_explainer, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(figures, "make_model", lambda archive, device: (lite0_explainer, "efficientnet_lite0"))
-    data = encode(quality.load_photos(["coffee"])["coffee"], quality=92)
+def test_grid_command_judges_a_users_photo_only_with_truth(tmp_path, capsys):
+    data = encode(load_photos(["coffee"])["coffee"], quality=92)
     (tmp_path / "my_cup.jpg").write_bytes(data)
     (tmp_path / "judged_cup.jpg").write_bytes(data)
     out = tmp_path / "grid.png"
     images = [str(tmp_path / "my_cup.jpg"), str(tmp_path / "judged_cup.jpg")]
-    assert figures.main(["grid", "--images", *images, "--truth", "judged_cup=coffee mug", "--out", str(out)]) == 0
+    assert cli("scripts/figures.py", "grid", "--images", *images, "--truth", "judged_cup=coffee mug", "--out", out, "--device", "cpu") == 0
     printed = capsys.readouterr().out
     assert re.search(r"^my_cup\s+espresso \(967\).*truth unknown", printed, re.M)
     assert re.search(r"^judged_cup\s+espresso \(967\).*wrong", printed, re.M)
@@ -179,7 +179,7 @@ def test_grid_command_judges_a_users_photo_only_with_truth(lite0_explainer, tmp_
     assert _png_size(out) == (round(width * figures.DPI), round(height * figures.DPI))
 
 
-def test_unknown_photo_fails_before_loading_a_model(monkeypatch, capsys):
-    monkeypatch.setattr(figures, "make_model", lambda *_: pytest.fail("the model was loaded"))
-    assert figures.main(["grid", "--images", "no_such_photo", "--out", "unused.png"]) == 2
-    assert "neither an image file nor a known photo" in capsys.readouterr().err
+def test_unknown_photo_fails_before_loading_a_model(capsys):
+    assert cli("scripts/figures.py", "grid", "--images", "no_such_photo", "--out", "unused.png") == 2
+    out, err = capsys.readouterr()
+    assert "neither an image file nor a known photo" in err and "explained layer" not in out  # no model was loaded

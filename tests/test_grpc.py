@@ -7,8 +7,10 @@ that TorchServe ships inside its frontend jar, so they match the server exactly.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -34,11 +36,27 @@ def stubs(tmp_path_factory):
     include = Path(protoc.__file__).parent / "_proto"  # google/protobuf/empty.proto
     args = ["protoc", f"-I{source}", f"-I{include}", f"--python_out={out}", f"--grpc_python_out={out}", *PROTOS]
     assert protoc.main(args) == 0
-    sys.path.insert(0, str(out))
+    # The generated modules import each other by their top-level names (``inference_pb2``,
+    # ``google.rpc.status_pb2``): each is loaded from its file and registered under that name.
+    rpc = types.ModuleType("google.rpc")
+    rpc.__path__ = [str(out / "google" / "rpc")]
+    names = ["google.rpc", "google.rpc.status_pb2", "inference_pb2", "inference_pb2_grpc"]
+    sys.modules["google.rpc"] = rpc
     try:
-        yield importlib.import_module("inference_pb2"), importlib.import_module("inference_pb2_grpc")
+        rpc.status_pb2 = _load("google.rpc.status_pb2", out / "google" / "rpc" / "status_pb2.py")
+        yield _load("inference_pb2", out / "inference_pb2.py"), _load("inference_pb2_grpc", out / "inference_pb2_grpc.py")
     finally:
-        sys.path.remove(str(out))
+        for name in names:
+            sys.modules.pop(name, None)
+
+
+def _load(name: str, path: Path) -> types.ModuleType:
+    """The module of ``path``, imported as ``name`` (and registered under it, for the modules that import it)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from ts.protocol.otf_message_handler import _retrieve_request
 from ts.service import Service
 
 from handler.dve_handler import DVEHandler
-from tests.conftest import encode
+from evaluation.photos import encode_image as encode
 
 
 def _frame(data: bytes) -> bytes:

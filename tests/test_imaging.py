@@ -12,7 +12,7 @@ from PIL import Image
 from handler import imaging
 from handler.errors import RequestError
 from handler.imaging import CropGeometry, decode, decode_image, decode_scale, encode_png, model_input, open_image
-from tests.conftest import encode
+from evaluation.photos import encode_image as encode
 
 LIMIT = 50_000_000
 

@@ -14,9 +14,9 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import INTEGRATION_PORT_BASE, SCENE_SIDE, centred_gaussian, encode, hottest_in
+from evaluation.photos import CAT_CLASSES, encode_image as encode
+from tests.conftest import INTEGRATION_PORT_BASE, SCENE_SIDE, centred_gaussian, hottest_in
 
-CAT_CLASSES = {281, 282, 283, 284, 285}
 
 
 def post(server, model, *, endpoint="predictions", token=None, **kwargs) -> requests.Response:
@@ -170,7 +170,7 @@ def test_a_model_that_cannot_load_fails_fast_with_its_error(model_store, tmp_pat
     import time
     import zipfile
 
-    from scripts import server as ts_server
+    from serving import server as ts_server
 
     store = tmp_path / "store"
     store.mkdir()

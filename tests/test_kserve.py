@@ -13,8 +13,8 @@ import pytest
 import requests
 import yaml
 
-from scripts import server as ts_server
-from scripts.server import ROOT, read_properties
+from serving import server as ts_server
+from serving.server import ROOT, read_properties
 from tests.conftest import INTEGRATION_PORT_BASE
 from tests.test_integration import post, worker_pids
 from tests.test_limits import largest_png  # noqa: F401  (a fixture: the largest image the handler accepts)

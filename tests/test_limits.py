@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from handler.config import Limits
-from scripts.server import DEFAULT_CONFIG, ROOT, read_properties
-from tests.conftest import encode
+from serving.server import DEFAULT_CONFIG, ROOT, read_properties
+from evaluation.photos import encode_image as encode
 from tests.test_integration import post
 
 MAX_IMAGE_BYTES = Limits().max_image_bytes  # 20 MiB

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from loadtest.checks import check_ours
-from loadtest.photos import load_mix
-from loadtest.run import run_locust, seconds, summarize
+from serving.load.checks import check_ours
+from serving.load.photos import load_mix
+from serving.load.runner import run_locust, seconds, summarize
 
 PHOTO = load_mix()[0]  # chelsea.jpg, 451 x 300
 

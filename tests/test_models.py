@@ -61,7 +61,7 @@ def test_architectures_by_name(tmp_path):
 
 def test_build_mar_sets_dve_parameters_and_refuses_bad_ones():
     from handler.dve import DVEParams
-    from scripts.build_mar import BuildError, dve_params
+    from serving.archive import BuildError, dve_params
 
     assert dve_params([]) == DVEParams()
     assert dve_params(["sigma_low=2", "sigma_high=1", "box_threshold=0.5", "psi=none"]) == DVEParams(

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from scripts import server as ts_server
+from serving import server as ts_server
 from tests.conftest import INTEGRATION_PORT_BASE
 from tests.test_integration import batch_totals, batches_since, post_image, worker_pids
 

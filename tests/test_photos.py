@@ -14,9 +14,9 @@ import pytest
 from PIL import Image, ImageCms
 
 from handler import imaging
-from tests.conftest import encode
+from evaluation.photos import CAT_CLASSES, encode_image as encode
 from tests.icc import display_profile
-from tests.test_integration import CAT_CLASSES, png, post, post_image, worker_pids
+from tests.test_integration import png, post, post_image, worker_pids
 
 MODEL = "efficientnet_lite0"
 ORIENTATION = 0x0112

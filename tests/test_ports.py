@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import server as ts_server
+from serving import server as ts_server
+from tests.conftest import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +23,7 @@ def test_port_base_moves_the_server_the_tests_and_the_load_tests(monkeypatch, tm
     _, settings = ts_server.write_config(ts_server.DEFAULT_CONFIG, tmp_path, ts_server.requested_port_base())
     assert [port for _, port in ts_server.listening_ports(settings)] == [9000, 9001, 9002, 9004, 9005]
     bases = subprocess.run(
-        [sys.executable, "-c", "from loadtest import run, faults, worstcase, overload; print(run.PORT_BASE, faults.PORT_BASE, worstcase.PORT_BASE, overload.PORT_BASE)"],
+        [sys.executable, "-c", "from serving.load import runner, faults, worstcase, overload; print(runner.PORT_BASE, faults.PORT_BASE, worstcase.PORT_BASE, overload.PORT_BASE)"],
         cwd=ROOT, env=dict(os.environ, PORT_BASE="9000"), capture_output=True, text=True, check=True,
     )
     assert bases.stdout.split() == ["29000", "29100", "29200", "29920"]
@@ -70,7 +71,7 @@ def test_port_holder_names_the_listener_and_nobody_for_a_free_port(taken_port):
 
 
 def test_serve_on_a_running_server_prints_its_address_and_a_request_and_exits_0(server, capsys, tmp_path):
-    status = ts_server.main(["start", "--run-dir", str(server.run_dir), "--models", "efficientnet_lite0", "--example-image", str(tmp_path / "cat.jpg")])
+    status = cli("scripts/server.py", "start", "--run-dir", server.run_dir, "--models", "efficientnet_lite0", "--example-image", tmp_path / "cat.jpg")
     out = capsys.readouterr().out
     assert status == 0
     assert f"TorchServe is already up at {server.inference_url}" in out

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
-from scripts import server as ts_server
-from scripts.server import ROOT, read_properties
+from serving import server as ts_server
+from serving.server import ROOT, read_properties
 from tests.conftest import INTEGRATION_PORT_BASE
 from tests.test_integration import post, post_image
 

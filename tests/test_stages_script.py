@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from scripts import stages
+from tests.conftest import cli
 
 
 def test_the_figure_is_written_for_lite0_on_one_image(photos, tmp_path, capsys):
     image = tmp_path / "coffee.jpg"
     image.write_bytes(photos["coffee"])
     out = tmp_path / "figures" / "stages.png"
-    assert stages.main(["--images", str(image), "--out", str(out), "--device", "cpu", "--panel", "64"]) == 0
+    assert cli("scripts/stages.py", "--images", image, "--out", out, "--device", "cpu", "--panel", "64") == 0
     printed = capsys.readouterr().out
     assert "stages: _blocks.0 16x112x112, _blocks.2 24x56x56" in printed and "_avg_pooling:input 1280x7x7" in printed
     assert "coffee: espresso" in printed and f"wrote {out}" in printed
@@ -24,9 +24,9 @@ def test_the_figure_is_written_for_lite0_on_one_image(photos, tmp_path, capsys):
 
 def test_vgg16_without_weights_stops_with_one_clear_line(tmp_path, capsys):
     out = tmp_path / "stages.png"
-    assert stages.main(["--model", "vgg16", "--out", str(out)]) == 2
+    assert cli("scripts/stages.py", "--model", "vgg16", "--out", out) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and error.startswith("error: vgg16 needs weights: --weights FILE")
     assert "--random-weights" in error and not out.exists()
-    assert stages.main(["--model", "no_such_net", "--out", str(out)]) == 2
+    assert cli("scripts/stages.py", "--model", "no_such_net", "--out", out) == 2
     assert "unknown model 'no_such_net'" in capsys.readouterr().err

@@ -29,11 +29,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from handler.config import Limits
+from serving import server as torchserve
 
-from handler.config import Limits  # noqa: E402
-from scripts import server as torchserve  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PAGE = Path(__file__).resolve().parent / "index.html"
 DEMO_DIR = ROOT / "build" / "demo"
@@ -68,7 +67,7 @@ class Inference:
     def _read_token(self) -> str:
         """The ``inference`` key of TorchServe's key file, read now."""
         try:
-            return json.loads(self.key_file.read_text())["inference"]["key"]
+            return torchserve.read_token(self.key_file)
         except (OSError, ValueError, KeyError):
             raise ConnectionError(f"no inference key in {self.key_file}: is TorchServe running from {self.key_file.parent}?") from None
 

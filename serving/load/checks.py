@@ -6,7 +6,7 @@ import base64
 import struct
 
 from handler.imaging import CropGeometry  # the server's own geometry
-from loadtest.photos import Photo
+from serving.load.photos import Photo
 
 
 def _png_size(b64: str) -> tuple[int, int]:

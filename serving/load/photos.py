@@ -5,12 +5,12 @@ The photos ship with scikit-image and scikit-learn, so nothing is downloaded.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
 from PIL import Image
+
+from evaluation.photos import SAMPLES, encode_image, load_photos
 
 
 @dataclass(frozen=True)
@@ -22,26 +22,15 @@ class Photo:
     height: int
 
 
-def _encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, quality=90) if fmt == "JPEG" else image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
 def photo(name: str, image: Image.Image, fmt: str) -> Photo:
     image = image.convert("RGB")
-    return Photo(name, _encode(image, fmt), "image/jpeg" if fmt == "JPEG" else "image/png", image.width, image.height)
+    data = encode_image(image, fmt, quality=90) if fmt == "JPEG" else encode_image(image, fmt)
+    return Photo(name, data, "image/jpeg" if fmt == "JPEG" else "image/png", image.width, image.height)
 
 
 def _sources() -> dict[str, Image.Image]:
-    import skimage.data
-    from sklearn.datasets import load_sample_images
-
-    images = {name: Image.fromarray(getattr(skimage.data, name)()) for name in ("chelsea", "coffee", "rocket", "astronaut")}
-    sample = load_sample_images()
-    for filename, array in zip(sample.filenames, sample.images):
-        images[filename.rsplit("/", 1)[-1].split(".")[0]] = Image.fromarray(np.asarray(array))
-    return images
+    """scikit-image's sample photos and scikit-learn's (china, flower), from ``evaluation.photos``."""
+    return {name: Image.fromarray(array) for name, array in load_photos([*SAMPLES, "china", "flower"]).items()}
 
 
 @lru_cache(maxsize=1)
