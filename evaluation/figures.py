@@ -30,9 +30,9 @@ import io
 import math
 import tempfile
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -48,7 +48,6 @@ from handler.imaging import CropGeometry
 from handler.loading import load_archive, make_explainer
 from handler.models import EFFICIENTNET_LITE0, build_model, imagenet_labels, torchvision_classifiers
 from handler.options import MIN_MAP_SIZE, parse_request
-
 
 # ---------------------------------------------------------------------------------------
 # Ground truth: which ImageNet classes count as a right answer for the default photos.
@@ -89,7 +88,9 @@ def parse_truth(spec: str, labels: Sequence[str]) -> tuple[str, Truth]:
         if token.isdigit():
             index = int(token)
             if index >= len(labels):
-                raise ValueError(f"--truth {spec!r}: class {index} is out of range (the model has {len(labels)} classes)")
+                raise ValueError(
+                    f"--truth {spec!r}: class {index} is out of range (the model has {len(labels)} classes)"
+                )
         elif token.lower() in by_label:
             index = by_label[token.lower()]
         else:
@@ -139,7 +140,9 @@ def explain_crops(explainer: Explainer, pixels: torch.Tensor) -> Explained:
     """The handler's forward pass (hook included) and its ``dve.explain`` call on B x H x W x 3 crops."""
     batch = forward_batch(explainer, pixels)
     explanation = dve.explain(batch.features, explainer.config.dve, explainer.input_size)
-    boxes = [tuple(box) if valid else None for box, valid in zip(explanation.boxes.tolist(), explanation.box_valid.tolist())]
+    boxes = [
+        tuple(box) if valid else None for box, valid in zip(explanation.boxes.tolist(), explanation.box_valid.tolist())
+    ]
     return Explained(
         batch,
         dve.upsample_maps(explanation.dve, explainer.input_size),
@@ -175,7 +178,9 @@ class GridRow:
     gradcam: torch.Tensor | None
 
 
-def grid_rows(explainer: Explainer, images: Sequence[tuple[str, np.ndarray | bytes]], truths: dict[str, Truth]) -> list[GridRow]:
+def grid_rows(
+    explainer: Explainer, images: Sequence[tuple[str, np.ndarray | bytes]], truths: dict[str, Truth]
+) -> list[GridRow]:
     """Crops, predictions, DVE, targeted DVE, boxes and Grad-CAM for the photos, in one batch."""
     pixels = torch.stack([model_crop(explainer, image) for _, image in images])
     explained = explain_crops(explainer, pixels)
@@ -265,20 +270,58 @@ def draw_grid(rows: Sequence[GridRow], labels: Sequence[str], model: str, out: P
 
     width, height = grid_size(len(rows))
     fig = plt.figure(figsize=(width, height), dpi=DPI)
-    fig.text(0.5, 1 - 0.22 / height, f"{model}: the prediction, DVE, targeted DVE and Grad-CAM per photo", ha="center", va="center", fontsize=12, weight="bold")
+    fig.text(
+        0.5,
+        1 - 0.22 / height,
+        f"{model}: the prediction, DVE, targeted DVE and Grad-CAM per photo",
+        ha="center",
+        va="center",
+        fontsize=12,
+        weight="bold",
+    )
     columns = ("the model's input (centre crop)", "DVE", "targeted DVE + salient box", "Grad-CAM (top-1 class)")
     top = height - GRID_HEADER
     header_y = height - 0.55
     for c, column in enumerate(columns):
         centre = MARGIN + c * (GRID_TILE + GAP) + GRID_TILE / 2
-        fig.text(centre / width, header_y / height, column, ha="center", va="center", fontsize=10, style="italic", color="#222222")
-    fig.add_artist(matplotlib.lines.Line2D([MARGIN / width, 1 - MARGIN / width], [(header_y - 0.17) / height] * 2, color="#999999", linewidth=0.8))
+        fig.text(
+            centre / width,
+            header_y / height,
+            column,
+            ha="center",
+            va="center",
+            fontsize=10,
+            style="italic",
+            color="#222222",
+        )
+    fig.add_artist(
+        matplotlib.lines.Line2D(
+            [MARGIN / width, 1 - MARGIN / width], [(header_y - 0.17) / height] * 2, color="#999999", linewidth=0.8
+        )
+    )
     for r, row in enumerate(rows):
         title_y = top - r * (GRID_ROW_TITLE + GRID_TILE + GRID_ROW_GAP)
         tile_y = title_y - GRID_ROW_TITLE - GRID_TILE
         headline = f"{row.name}: {labels[row.top]} ({row.top}), {row.probability:.1%}  \u2014  {row.verdict}"
-        fig.text(MARGIN / width, (title_y - 0.17) / height, headline, ha="left", va="center", fontsize=11, weight="bold", color=VERDICT_COLOURS[row.verdict])
-        fig.text(MARGIN / width, (title_y - 0.41) / height, _truth_line(row, labels), ha="left", va="center", fontsize=8.5, color="#444444")
+        fig.text(
+            MARGIN / width,
+            (title_y - 0.17) / height,
+            headline,
+            ha="left",
+            va="center",
+            fontsize=11,
+            weight="bold",
+            color=VERDICT_COLOURS[row.verdict],
+        )
+        fig.text(
+            MARGIN / width,
+            (title_y - 0.41) / height,
+            _truth_line(row, labels),
+            ha="left",
+            va="center",
+            fontsize=8.5,
+            color="#444444",
+        )
         tiles = [
             row.pixels.numpy(),
             overlay_tile(row.pixels, row.dve),
@@ -290,7 +333,15 @@ def draw_grid(rows: Sequence[GridRow], labels: Sequence[str], model: str, out: P
             ax = fig.add_axes((left / width, tile_y / height, GRID_TILE / width, GRID_TILE / height))
             if tile is None:
                 ax.set_axis_off()
-                ax.text(0.5, 0.5, "Grad-CAM: no module\nfor this layer", ha="center", va="center", fontsize=9, transform=ax.transAxes)
+                ax.text(
+                    0.5,
+                    0.5,
+                    "Grad-CAM: no module\nfor this layer",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    transform=ax.transAxes,
+                )
                 continue
             _show(ax, tile)
             if c == 2:
@@ -360,7 +411,9 @@ class BlurStep:
     box: tuple[int, int, int, int] | None
 
 
-def blur_sweep(explainer: Explainer, pixels: torch.Tensor, sigmas: Sequence[float], truth: Truth | None = None) -> tuple[int, list[BlurStep]]:
+def blur_sweep(
+    explainer: Explainer, pixels: torch.Tensor, sigmas: Sequence[float], truth: Truth | None = None
+) -> tuple[int, list[BlurStep]]:
     """(the unblurred crop's top-1 class, one step per sigma), all in one forward pass.
 
     ``pixels`` is the model's input crop (H x W x 3 uint8); each step blurs it (``blur``).
@@ -419,7 +472,9 @@ def _short(label: str, width: int = 22) -> str:
     return "\n".join(textwrap.wrap(label, width, max_lines=2, placeholder="\u2026"))
 
 
-def draw_blur(name: str, original: int, steps: Sequence[BlurStep], labels: Sequence[str], model: str, out: Path) -> tuple[int, int]:
+def draw_blur(
+    name: str, original: int, steps: Sequence[BlurStep], labels: Sequence[str], model: str, out: Path
+) -> tuple[int, int]:
     """Writes the blur sweep as a PNG; returns its (width, height) in pixels."""
     import matplotlib
 
@@ -431,19 +486,40 @@ def draw_blur(name: str, original: int, steps: Sequence[BlurStep], labels: Seque
     subtitle = blur_subtitle(len(steps))
     lines = [(f"{model}, {name}", "bold")] + [(line, "normal") for line in subtitle]
     for i, (line, weight) in enumerate(lines):
-        fig.text(0.5, 1 - (0.1 + (i + 0.5) * BLUR_TITLE_LINE) / height, line, ha="center", va="center", fontsize=12, weight=weight)
+        fig.text(
+            0.5,
+            1 - (0.1 + (i + 0.5) * BLUR_TITLE_LINE) / height,
+            line,
+            ha="center",
+            va="center",
+            fontsize=12,
+            weight=weight,
+        )
     left0 = MARGIN + BLUR_LABELS
     tiles_top = height - 0.15 - len(lines) * BLUR_TITLE_LINE - BLUR_COLUMN_TITLE
     row_names = ("blurred input", "DVE", "targeted DVE + box")
     for r, row_name in enumerate(row_names):
         y = tiles_top - (r + 1) * BLUR_TILE - r * GAP
-        fig.text(MARGIN / width, (y + BLUR_TILE / 2) / height, row_name, rotation=90, ha="left", va="center", fontsize=10)
+        fig.text(
+            MARGIN / width, (y + BLUR_TILE / 2) / height, row_name, rotation=90, ha="left", va="center", fontsize=10
+        )
     for c, step in enumerate(steps):
         left = left0 + c * (BLUR_TILE + GAP)
         known = step.verdict != UNKNOWN
         colour = VERDICT_COLOURS[step.verdict] if known else "black"
-        title = f"\u03c3 = {step.sigma:g}\n{_short(labels[step.top])}\n{step.probability:.1%}" + (f", {step.verdict}" if known else "")
-        fig.text((left + BLUR_TILE / 2) / width, (tiles_top + 0.04) / height, title, ha="center", va="bottom", fontsize=9, color=colour, linespacing=1.15)
+        title = f"\u03c3 = {step.sigma:g}\n{_short(labels[step.top])}\n{step.probability:.1%}" + (
+            f", {step.verdict}" if known else ""
+        )
+        fig.text(
+            (left + BLUR_TILE / 2) / width,
+            (tiles_top + 0.04) / height,
+            title,
+            ha="center",
+            va="bottom",
+            fontsize=9,
+            color=colour,
+            linespacing=1.15,
+        )
         tiles = (step.pixels.numpy(), overlay_tile(step.pixels, step.dve), overlay_tile(step.pixels, step.targeted))
         for r, tile in enumerate(tiles):
             y = tiles_top - (r + 1) * BLUR_TILE - r * GAP
@@ -452,10 +528,20 @@ def draw_blur(name: str, original: int, steps: Sequence[BlurStep], labels: Seque
             if r == 2:
                 _draw_box(ax, step.box)
     plot_width = len(steps) * BLUR_TILE + (len(steps) - 1) * GAP - BLUR_PLOT_LEFT
-    ax = fig.add_axes(((left0 + BLUR_PLOT_LEFT) / width, BLUR_PLOT_BOTTOM / height, plot_width / width, BLUR_PLOT / height))
+    ax = fig.add_axes(
+        ((left0 + BLUR_PLOT_LEFT) / width, BLUR_PLOT_BOTTOM / height, plot_width / width, BLUR_PLOT / height)
+    )
     sigmas = [s.sigma for s in steps]
-    ax.plot(sigmas, [s.original_probability for s in steps], "o-", color="#1f5fa8", label=f"P({labels[original]}), the unblurred top-1")
-    ax.plot(sigmas, [s.probability for s in steps], "--", color="#333333", label="top-1 probability (square: another class)")
+    ax.plot(
+        sigmas,
+        [s.original_probability for s in steps],
+        "o-",
+        color="#1f5fa8",
+        label=f"P({labels[original]}), the unblurred top-1",
+    )
+    ax.plot(
+        sigmas, [s.probability for s in steps], "--", color="#333333", label="top-1 probability (square: another class)"
+    )
     changed = [s for s in steps if s.top != original]
     if changed:
         ax.plot([s.sigma for s in changed], [s.probability for s in changed], "s", color="#333333")
@@ -477,11 +563,15 @@ def blur_table(original: int, steps: Sequence[BlurStep], labels: Sequence[str]) 
     """The sweep's numbers as a plain-text table."""
     header = f"P({labels[original]})"
     wide = max(len(header), 6)
-    lines = [f"{'sigma':>5}  {'top-1 (index)':<28} {'prob':>6}  {'verdict':<13}  {header:>{wide}}  targeted box (input px)"]
+    lines = [
+        f"{'sigma':>5}  {'top-1 (index)':<28} {'prob':>6}  {'verdict':<13}  {header:>{wide}}  targeted box (input px)"
+    ]
     for step in steps:
         predicted = f"{labels[step.top]} ({step.top})"
         box = "none" if step.box is None else str(list(step.box))
-        lines.append(f"{step.sigma:5g}  {predicted:<28} {step.probability:6.1%}  {step.verdict:<13}  {step.original_probability:>{wide}.1%}  {box}")
+        lines.append(
+            f"{step.sigma:5g}  {predicted:<28} {step.probability:6.1%}  {step.verdict:<13}  {step.original_probability:>{wide}.1%}  {box}"
+        )
     return "\n".join(lines)
 
 
@@ -522,7 +612,9 @@ def stages_explainer(
         explainer = load_archive(archive, device)
         return explainer, f"{explainer.config.architecture} from {archive.name}"
     if model not in (EFFICIENTNET_LITE0, *torchvision_classifiers()):
-        raise FigureError(f"unknown model {model!r}: use {EFFICIENTNET_LITE0}, vgg16 or a torchvision classifier name (or --archive)")
+        raise FigureError(
+            f"unknown model {model!r}: use {EFFICIENTNET_LITE0}, vgg16 or a torchvision classifier name (or --archive)"
+        )
     if model != EFFICIENTNET_LITE0 and not (weights or random_weights or download):
         raise FigureError(
             f"{model} needs weights: --weights FILE (its state dict), --download (needs a network) "
@@ -534,7 +626,9 @@ def stages_explainer(
     if random_weights:  # the weights build_mar --random-weights writes, without the file
         torch.manual_seed(0)
         network = build_model(config.architecture, config.num_classes)
-        return Explainer(network, config, labels, device), f"{model}, RANDOM weights (untrained): the maps show the architecture, not what a trained model sees"
+        return Explainer(
+            network, config, labels, device
+        ), f"{model}, RANDOM weights (untrained): the maps show the architecture, not what a trained model sees"
     with tempfile.TemporaryDirectory(prefix="stages_") as tmp:
         try:
             weights_path = archives.weights_file(options, config, Path(tmp))
@@ -544,7 +638,13 @@ def stages_explainer(
             explainer = Explainer.from_files(config, weights=weights_path, labels=labels, device=device)
         except (ValueError, RuntimeError) as exc:
             raise FigureError(f"the model does not load: {exc}") from None
-    source = weights.name if weights else "torchvision's ImageNet weights" if download else "ImageNet weights from its package"
+    source = (
+        weights.name
+        if weights
+        else "torchvision's ImageNet weights"
+        if download
+        else "ImageNet weights from its package"
+    )
     return explainer, f"{model}, {source}"
 
 
@@ -574,10 +674,22 @@ def explain_stages(explainer: Explainer, images: list[tuple[str, bytes]], panel:
         try:
             upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
             fields = {
-                "image": data, "topk": "1", "explanations": "none", "format": "overlay",
-                "map_size": str(map_size_for(upright, explainer, panel)), "stages": "true",
+                "image": data,
+                "topk": "1",
+                "explanations": "none",
+                "format": "overlay",
+                "map_size": str(map_size_for(upright, explainer, panel)),
+                "stages": "true",
             }
-            requests.append(parse_request(fields, content_type=None, defaults=config.defaults, limits=config.limits, num_classes=config.num_classes))
+            requests.append(
+                parse_request(
+                    fields,
+                    content_type=None,
+                    defaults=config.defaults,
+                    limits=config.limits,
+                    num_classes=config.num_classes,
+                )
+            )
         except RequestError as error:
             requests.append(error)
         except Exception as exc:  # Pillow could not even open it: let the explainer say why
@@ -593,7 +705,9 @@ def crop_panel(image: Image.Image, explainer: Explainer, panel: int) -> Image.Im
     return image.resize((panel, panel), Image.Resampling.LANCZOS, box=box)
 
 
-def draw_stages(rows: list[tuple[str, Image.Image, dict]], explainer: Explainer, title: str, panel: int, out: Path) -> None:
+def draw_stages(
+    rows: list[tuple[str, Image.Image, dict]], explainer: Explainer, title: str, panel: int, out: Path
+) -> None:
     """Writes Fig. 7: one row per image, its crop titled with the prediction, then each stage's DVE overlay."""
     import matplotlib
 
@@ -602,7 +716,9 @@ def draw_stages(rows: list[tuple[str, Image.Image, dict]], explainer: Explainer,
 
     columns = 1 + len(explainer.stages)
     inches = panel / 100.0
-    fig, axes = plt.subplots(len(rows), columns, figsize=(columns * (inches + 0.3), len(rows) * (inches + 0.7) + 0.6), squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), columns, figsize=(columns * (inches + 0.3), len(rows) * (inches + 0.7) + 0.6), squeeze=False
+    )
     for row, (name, photo, body) in zip(axes, rows):
         top = body["predictions"][0]
         row[0].imshow(crop_panel(photo, explainer, panel))

@@ -7,8 +7,8 @@ The objects are cut from the photos along the hand-drawn boxes of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -97,7 +97,14 @@ def build_localisation_set(
             height, width = fitted.shape[:2]
             y0, x0 = int(rng.integers(0, side - height + 1)), int(rng.integers(0, side - width + 1))
             canvas[y0 : y0 + height, x0 : x0 + width] = fitted
-            candidates.append(Composite(f"{name}@{texture_name}#{n}", torch.from_numpy(canvas), (x0, y0, x0 + width, y0 + height), object_class[name]))
+            candidates.append(
+                Composite(
+                    f"{name}@{texture_name}#{n}",
+                    torch.from_numpy(canvas),
+                    (x0, y0, x0 + width, y0 + height),
+                    object_class[name],
+                )
+            )
     kept: list[Composite] = []
     for start in range(0, len(candidates), 32):
         chunk = candidates[start : start + 32]

@@ -105,14 +105,16 @@ class Substrates:
     p_start: float
 
     @classmethod
-    def of(cls, scorer: Scorer, x: torch.Tensor, target: int) -> "Substrates":
+    def of(cls, scorer: Scorer, x: torch.Tensor, target: int) -> Substrates:
         removed = torch.zeros_like(x)
         start = blurred(x.unsqueeze(0))[0]
         p = scorer.probability(torch.stack([x, removed, start]), target)
         return cls(x, removed, start, float(p[0]), float(p[1]), float(p[2]))
 
 
-def deletion_insertion(scorer: Scorer, substrates: Substrates, saliency: torch.Tensor, target: int, steps: int, seed: int = 0) -> Curves:
+def deletion_insertion(
+    scorer: Scorer, substrates: Substrates, saliency: torch.Tensor, target: int, steps: int, seed: int = 0
+) -> Curves:
     """RISE deletion and insertion curves of one map (H x W) in ``steps`` equal steps.
 
     The two end points of each curve (nothing / everything changed) do not depend on

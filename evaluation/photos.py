@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -234,6 +235,10 @@ def write_samples(folder: Path) -> list[Path]:
         path = folder / filename
         if not path.exists():
             fmt = "PNG" if path.suffix == ".png" else "JPEG"
-            path.write_bytes(encode_image(load_photos([name])[name], fmt, **({"quality": SAMPLE_JPEG_QUALITY} if fmt == "JPEG" else {})))
+            path.write_bytes(
+                encode_image(
+                    load_photos([name])[name], fmt, **({"quality": SAMPLE_JPEG_QUALITY} if fmt == "JPEG" else {})
+                )
+            )
         written.append(path)
     return written

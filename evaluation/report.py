@@ -80,7 +80,10 @@ def build_methods(defaults: DVEParams, quick: bool = False) -> list[SaliencyMeth
     cache = ExplanationCache()  # DVE and targeted DVE of one setting: one dve.explain call
     methods: list[SaliencyMethod] = []
     for params in unique:
-        methods += [DVEMap(label(params, "dve"), params, cache=cache), DVEMap(label(params, "targeted"), params, targeted=True, cache=cache)]
+        methods += [
+            DVEMap(label(params, "dve"), params, cache=cache),
+            DVEMap(label(params, "targeted"), params, targeted=True, cache=cache),
+        ]
     methods += [
         DVEMap(label(defaults, "dve-class"), defaults, class_conditional=True, cache=cache),
         DVEMap(label(defaults, "targeted-class"), defaults, targeted=True, class_conditional=True, cache=cache),
@@ -103,7 +106,11 @@ class Progress:
         self.done += units
         elapsed = time.perf_counter() - self.start
         left = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
-        print(f"[{100 * self.done / self.total:3.0f}% {_clock(elapsed)}, ~{_clock(left)} left] {message}", file=sys.stderr, flush=True)
+        print(
+            f"[{100 * self.done / self.total:3.0f}% {_clock(elapsed)}, ~{_clock(left)} left] {message}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _clock(seconds: float) -> str:
@@ -140,7 +147,9 @@ def timed_maps(method: SaliencyMethod, explainer, batch: Batch, warm_up: Batch) 
     return maps, (time.perf_counter() - start) * 1000.0 / batch.pixels.shape[0]
 
 
-def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMethod], steps: int, per_object: int, seed: int = 0):
+def evaluate(
+    explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMethod], steps: int, per_object: int, seed: int = 0
+):
     """Runs every measure for every method; returns the results, the names and the examples to draw."""
     results = {m.name: MethodResults(m.name) for m in methods}
     scorer = metrics.Scorer(explainer)
@@ -165,13 +174,17 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
         substrates = metrics.Substrates.of(scorer, batch.x[i], target)
         predictions[name] = {"label": explainer.labels[target], "probability": substrates.p_full}
         for method in methods:
-            curves = metrics.deletion_insertion(scorer, substrates, photo_maps[method.name][i], target, steps, seed=seed + i)
+            curves = metrics.deletion_insertion(
+                scorer, substrates, photo_maps[method.name][i], target, steps, seed=seed + i
+            )
             r = results[method.name]
             r.deletion.append(curves.deletion_auc)
             r.insertion.append(curves.insertion_auc)
             r.deletion_relative.append(curves.deletion_auc / substrates.p_full)
             r.insertion_relative.append(curves.insertion_auc / substrates.p_full)
-            progress.step(1, f"deletion/insertion: photo {i + 1}/{len(photos)} {name} ({explainer.labels[target]}), {method.name}")
+            progress.step(
+                1, f"deletion/insertion: photo {i + 1}/{len(photos)} {name} ({explainer.labels[target]}), {method.name}"
+            )
 
     composites, made = build_localisation_set(explainer, per_object=per_object, seed=seed)
     progress.step(set_units, f"localisation set: {len(composites)} of {made} composites kept")
@@ -181,8 +194,13 @@ def evaluate(explainer, photos: dict[str, np.ndarray], methods: list[SaliencyMet
         chunk_batch = forward_batch(explainer, torch.stack([c.pixels for c in chunk]))
         for method in methods:
             parts[method.name].append(method.maps(explainer, chunk_batch))
-        progress.step(composite_units / max(1, len(chunks)), f"localisation set maps: {sum(map(len, chunks[: n + 1]))}/{len(composites)} composites")
-    composite_maps = {name: torch.cat(maps) if maps else torch.zeros(0, *explainer.input_size) for name, maps in parts.items()}
+        progress.step(
+            composite_units / max(1, len(chunks)),
+            f"localisation set maps: {sum(map(len, chunks[: n + 1]))}/{len(composites)} composites",
+        )
+    composite_maps = {
+        name: torch.cat(maps) if maps else torch.zeros(0, *explainer.input_size) for name, maps in parts.items()
+    }
     for method in methods:
         for composite, saliency in zip(composites, composite_maps[method.name]):
             hit = float(metrics.pointing_hit(saliency, composite.box))
@@ -200,7 +218,10 @@ def targeted_box_ious(maps: torch.Tensor, composites: list[Composite]) -> dict[f
     ious: dict[float, list[float]] = {}
     for threshold in BOX_THRESHOLDS:
         boxes, valid = dve.salient_boxes(maps, threshold) if len(composites) else (torch.zeros(0, 4), torch.zeros(0))
-        ious[threshold] = [metrics.box_iou(tuple(box), c.box) if ok else 0.0 for box, ok, c in zip(boxes.tolist(), valid.tolist(), composites)]
+        ious[threshold] = [
+            metrics.box_iou(tuple(box), c.box) if ok else 0.0
+            for box, ok, c in zip(boxes.tolist(), valid.tolist(), composites)
+        ]
     return ious
 
 
@@ -266,13 +287,18 @@ def rank_settings(results: dict[str, MethodResults], methods: list[SaliencyMetho
     ranks: dict[str, list[int]] = {setting: [] for setting in settings}
     for position in (0, 1):  # DVE, then targeted DVE
         for metric in METRICS:
-            means = {setting: BETTER[metric] * summary(getattr(results[names[position]], metric))[0] for setting, names in settings.items()}
+            means = {
+                setting: BETTER[metric] * summary(getattr(results[names[position]], metric))[0]
+                for setting, names in settings.items()
+            }
             for setting, value in means.items():
                 ranks[setting].append(1 + sum(other > value for other in means.values()))
     return sorted(((setting, statistics.fmean(r)) for setting, r in ranks.items()), key=lambda item: item[1])
 
 
-def write_report(out: Path, args, explainer, results, predictions, composites, made, forward_ms, methods, box_ious, elapsed) -> str:
+def write_report(
+    out: Path, args, explainer, results, predictions, composites, made, forward_ms, methods, box_ious, elapsed
+) -> str:
     """The Markdown report, also returned."""
     default_dve, default_targeted = methods[0].name, methods[1].name
     off_centre = sum(c.off_centre for c in composites)
@@ -344,7 +370,13 @@ def write_report(out: Path, args, explainer, results, predictions, composites, m
                     f"| {name.split(' ')[0]} | {other} | {metric.replace('_', '-')} | {c['gain']:+.3f} | {c['t']:+.1f} | "
                     f"{c['spread']:.3f} | {'yes' if c['gain'] > c['spread'] else 'no'} | {c['wins']}/{c['n']} |"
                 )
-    lines += ["", "## Predictions explained (deletion / insertion set)", "", "| photo | top-1 | probability |", "|---|---|---|"]
+    lines += [
+        "",
+        "## Predictions explained (deletion / insertion set)",
+        "",
+        "| photo | top-1 | probability |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {p['label']} | {p['probability']:.3f} |" for name, p in predictions.items()]
     lines += ["", "## Examples", "", "![overlays](overlays.png)", ""]
     text = "\n".join(lines)
@@ -365,8 +397,13 @@ def write_overlays(out: Path, explainer, examples, methods: list[SaliencyMethod]
     composites, composite_maps = examples["composites"]
     rows = [(names[i], pixels[i], {n: photo_maps[n][i] for n in shown}, None) for i in range(min(count, len(names)))]
     step = max(1, len(composites) // count)
-    rows += [(c.name, c.pixels, {n: composite_maps[n][j] for n in shown}, c.box) for j, c in list(enumerate(composites))[::step][:count]]
-    fig, axes = plt.subplots(len(rows), len(shown) + 1, figsize=(1.9 * (len(shown) + 1), 2.0 * len(rows)), squeeze=False)
+    rows += [
+        (c.name, c.pixels, {n: composite_maps[n][j] for n in shown}, c.box)
+        for j, c in list(enumerate(composites))[::step][:count]
+    ]
+    fig, axes = plt.subplots(
+        len(rows), len(shown) + 1, figsize=(1.9 * (len(shown) + 1), 2.0 * len(rows)), squeeze=False
+    )
     for r, (name, image, maps, box) in enumerate(rows):
         tiles = [("image", image.cpu().numpy())] + [(n, overlay_tile(image, maps[n])) for n in shown]
         for c, (title, tile) in enumerate(tiles):

@@ -122,12 +122,19 @@ def _over(cost: RequestCost, options: RequestOptions, limits: Limits) -> str | N
     return None
 
 
-def largest_map_size(options: RequestOptions, geometry: CropGeometry, limits: Limits, stages: int, label_chars: int) -> int | None:
+def largest_map_size(
+    options: RequestOptions, geometry: CropGeometry, limits: Limits, stages: int, label_chars: int
+) -> int | None:
     """The largest map_size (long side) within every limit for these options, or None if none is."""
 
     def fits(size: int) -> bool:
         sized = replace(options, map_size=size)
-        return _over(request_cost(sized, geometry, decoded_pixels=0, stages=stages, label_chars=label_chars), sized, limits) is None
+        return (
+            _over(
+                request_cost(sized, geometry, decoded_pixels=0, stages=stages, label_chars=label_chars), sized, limits
+            )
+            is None
+        )
 
     low, high = MIN_MAP_SIZE, limits.max_map_size
     if not fits(low):

@@ -7,8 +7,9 @@ silently ignored.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from handler.dve import DVEParams
 
@@ -109,7 +110,7 @@ class ServingConfig:
             raise ValueError("mean and std need three values each, std positive")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any] | None) -> "ServingConfig":
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> ServingConfig:
         """Builds the config from the ``handler:`` mapping of ``model-config.yaml``."""
         values = dict(values or {})
         _refuse_unknown(cls, values, "handler")

@@ -20,8 +20,9 @@ Notation follows ``docs/algorithm.md#notation``, which derives every formula:
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,7 @@ class DVEParams:
             raise ValueError(f"box_threshold must lie in (0, 1], got {self.box_threshold}")
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "DVEParams":
+    def from_mapping(cls, values: Mapping[str, Any]) -> DVEParams:
         """Builds parameters from a config mapping, refusing unknown keys."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -89,7 +90,12 @@ class DVEParams:
 
 
 def gaussian_transfer(
-    height: int, width: int, sigma: float, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    height: int,
+    width: int,
+    sigma: float,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``G_sigma`` on the integer frequency grid of an ``height x width`` map, FFT order."""
     u = torch.fft.fftfreq(height, d=1.0 / height, device=device, dtype=dtype)
@@ -133,7 +139,9 @@ def band_product(x: torch.Tensor, sigma_low: float, sigma_high: float, method: s
     return product.reshape(x.shape)
 
 
-def _band_filters(height: int, width: int, sigma_low: float, sigma_high: float, device: torch.device | str | None) -> torch.Tensor:
+def _band_filters(
+    height: int, width: int, sigma_low: float, sigma_high: float, device: torch.device | str | None
+) -> torch.Tensor:
     """The low-pass G_s1 and the high-pass 1 - G_s2 on the real-FFT half grid: 2 x h x (w//2+1)."""
     half = width // 2 + 1
     g_low = gaussian_transfer(height, width, sigma_low, device=device)
@@ -190,7 +198,9 @@ def dve(
     if features.dim() != 4:
         raise ValueError(f"expected feature maps of shape B x C x h x w, got {tuple(features.shape)}")
     if channel_weights is not None and channel_weights.shape != features.shape[:2]:
-        raise ValueError(f"channel_weights must be B x C = {tuple(features.shape[:2])}, got {tuple(channel_weights.shape)}")
+        raise ValueError(
+            f"channel_weights must be B x C = {tuple(features.shape[:2])}, got {tuple(channel_weights.shape)}"
+        )
     if params.resolution == "input":
         if input_size is None:
             raise ValueError("resolution='input' needs the model's input size")
@@ -199,7 +209,9 @@ def dve(
         maps = []
         for b in range(features.shape[0]):
             x = F.interpolate(features[b : b + 1].float(), size=input_size, mode="bilinear", align_corners=False)
-            maps.append(_summed_band_product(x, params, None if channel_weights is None else channel_weights[b : b + 1]))
+            maps.append(
+                _summed_band_product(x, params, None if channel_weights is None else channel_weights[b : b + 1])
+            )
         return noise_filter(torch.cat(maps), params)
     return noise_filter(_summed_band_product(features, params, channel_weights), params)
 
@@ -258,7 +270,9 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def _bicubic_operator(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """(n_out x n_in): bicubic interpolation along one axis (``align_corners=False``) as a matrix."""
     units = torch.eye(n_in, device=device).reshape(n_in, 1, n_in, 1)
-    return F.interpolate(units, size=(n_out, 1), mode="bicubic", align_corners=False).reshape(n_in, n_out).T.contiguous()
+    return (
+        F.interpolate(units, size=(n_out, 1), mode="bicubic", align_corners=False).reshape(n_in, n_out).T.contiguous()
+    )
 
 
 def salient_boxes(maps: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

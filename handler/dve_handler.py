@@ -65,7 +65,10 @@ class DVEHandler:
         gpu_id = properties.get("gpu_id")
         device = torch.device(f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu")
         self.explainer = Explainer.from_model_dir(
-            Path(properties["model_dir"]), context.manifest["model"], getattr(context, "model_yaml_config", None), device
+            Path(properties["model_dir"]),
+            context.manifest["model"],
+            getattr(context, "model_yaml_config", None),
+            device,
         )
         config = self.explainer.config
         logger.info(
@@ -75,7 +78,10 @@ class DVEHandler:
             self.explainer.layer,
             self.explainer.feature_shape,
         )
-        logger.info("stages (request option 'stages'): %s", ", ".join(f"{stage} {stage.shape}" for stage in self.explainer.stages))
+        logger.info(
+            "stages (request option 'stages'): %s",
+            ", ".join(f"{stage} {stage.shape}" for stage in self.explainer.stages),
+        )
         self.initialized = True
 
     def preprocess(self, data: list[dict[str, Any]], context: Context) -> Batch:
@@ -210,4 +216,3 @@ def _body_content_type(context: Context, idx: int, request: dict[str, Any]) -> s
             if isinstance(header, dict):
                 return header.get("content-type")
     return None
-

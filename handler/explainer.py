@@ -80,7 +80,7 @@ class Result:
         return json.dumps(self.body, separators=(",", ":")).encode("utf-8")
 
     @classmethod
-    def error(cls, error: RequestError) -> "Result":
+    def error(cls, error: RequestError) -> Result:
         """The body TorchServe itself uses for errors: code, type and message."""
         kind = ERROR_TYPES.get(error.status, "Error")
         return cls(error.status, {"code": error.status, "type": kind, "message": str(error)})
@@ -126,7 +126,7 @@ class Inference:
     stage_maps: dict[int, list[torch.Tensor]]
 
     @classmethod
-    def empty(cls) -> "Inference":
+    def empty(cls) -> Inference:
         return cls(torch.empty(0, 0), torch.empty(0, 0, dtype=torch.long), [], None, [], [], {})
 
 
@@ -177,7 +177,7 @@ class Explainer:
         labels: list[str],
         device: torch.device,
         model_file: str | Path | None = None,
-    ) -> "Explainer":
+    ) -> Explainer:
         """Builds the model named by ``config``, loads its state dict and wraps it."""
         model = build_model(
             config.architecture,
@@ -190,8 +190,12 @@ class Explainer:
 
     @classmethod
     def from_model_dir(
-        cls, model_dir: Path, manifest_model: dict[str, Any], model_yaml_config: dict[str, Any] | None, device: torch.device
-    ) -> "Explainer":
+        cls,
+        model_dir: Path,
+        manifest_model: dict[str, Any],
+        model_yaml_config: dict[str, Any] | None,
+        device: torch.device,
+    ) -> Explainer:
         """The explainer an extracted model archive describes (what a TorchServe worker loads).
 
         Args:
@@ -290,7 +294,10 @@ class Explainer:
         opened = admitted.opened
         image = opened.image
         return (
-            self.device_decoding and image.format == "JPEG" and image.mode in imaging.DEVICE_JPEG_MODES and opened.to_srgb is None
+            self.device_decoding
+            and image.format == "JPEG"
+            and image.mode in imaging.DEVICE_JPEG_MODES
+            and opened.to_srgb is None
         )
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -355,7 +362,9 @@ class Explainer:
             for i, item in zip(on_device, decoded):
                 items[i] = item
         prepared = [item for item in items if isinstance(item, PreparedImage)]
-        pixels = torch.stack([item.pixels for item in prepared]).to(self.device, non_blocking=True) if prepared else None
+        pixels = (
+            torch.stack([item.pixels for item in prepared]).to(self.device, non_blocking=True) if prepared else None
+        )
         self.timings.decode = _ms_since(start)
         self.timings.batch_size = len(prepared)
         return Batch([item for item in items if not isinstance(item, Admitted)], pixels)
@@ -384,7 +393,9 @@ class Explainer:
         probabilities = logits.float().softmax(dim=1)
         k = max(item.options.topk for item in batch)
         top_p, top_i = (t.cpu() for t in probabilities.topk(k, dim=1))
-        classes = [int(top_i[b, 0]) if item.options.target is None else item.options.target for b, item in enumerate(batch)]
+        classes = [
+            int(top_i[b, 0]) if item.options.target is None else item.options.target for b, item in enumerate(batch)
+        ]
         chosen = probabilities.gather(1, torch.tensor(classes, device=probabilities.device)[:, None])[:, 0].tolist()
         _sync(self.device)
         self.timings.forward = _ms_since(start)
@@ -392,7 +403,9 @@ class Explainer:
         start = time.perf_counter()
         explanation, boxes, box_valid = None, [], []
         if any(item.options.explanations for item in batch):
-            explanation = self._explain(features, self.config.dve, self.input_size, self._channel_weights(batch, features, classes))
+            explanation = self._explain(
+                features, self.config.dve, self.input_size, self._channel_weights(batch, features, classes)
+            )
             boxes = explanation.boxes.cpu().tolist()
             box_valid = explanation.box_valid.cpu().tolist()
         stage_maps = self._stage_maps(stage_features, staged)
@@ -404,7 +417,9 @@ class Explainer:
         """Every request's answer: its maps drawn together on the device, PNGs encoded in
         parallel, then its JSON; a failure while drawing or encoding stays with its request."""
         start = time.perf_counter()
-        results: list[Result | None] = [Result.error(item) if isinstance(item, RequestError) else None for item in batch.items]
+        results: list[Result | None] = [
+            Result.error(item) if isinstance(item, RequestError) else None for item in batch.items
+        ]
         rows = [i for i, item in enumerate(batch.items) if isinstance(item, PreparedImage)]
         if isinstance(inference, RequestError):
             for i in rows:
@@ -427,10 +442,16 @@ class Explainer:
                     drawings.append(rendering.Drawing(grid, item.geometry, size, item.options.format, photo))
                     owners.append((b, name, None))
             for s, grid in enumerate(inference.stage_maps.get(b, [])):
-                drawings.append(rendering.Drawing(_stage_grid(grid, item.geometry, size[0]), item.geometry, size, item.options.format, photo))
+                drawings.append(
+                    rendering.Drawing(
+                        _stage_grid(grid, item.geometry, size[0]), item.geometry, size, item.options.format, photo
+                    )
+                )
                 owners.append((b, "stage", s))
         pictures: list[np.ndarray | bytes | Exception] = list(rendering.draw(drawings))
-        to_encode = [i for i, (d, p) in enumerate(zip(drawings, pictures)) if d.format != "array" and isinstance(p, np.ndarray)]
+        to_encode = [
+            i for i, (d, p) in enumerate(zip(drawings, pictures)) if d.format != "array" and isinstance(p, np.ndarray)
+        ]
         arrays = [picture for i in to_encode if isinstance(picture := pictures[i], np.ndarray)]
         for i, encoded in zip(to_encode, rendering.encode_pngs(arrays)):
             pictures[i] = encoded
@@ -455,7 +476,9 @@ class Explainer:
                 results.append(Result.error(failure(error, "drawing and encoding an answer")))
         return results
 
-    def _body(self, b: int, item: PreparedImage, inference: Inference, entries: dict[tuple[str, int | None], dict[str, Any]]) -> dict[str, Any]:
+    def _body(
+        self, b: int, item: PreparedImage, inference: Inference, entries: dict[tuple[str, int | None], dict[str, Any]]
+    ) -> dict[str, Any]:
         """Batch row ``b``'s answer: its predictions and its encoded maps."""
         topk = item.options.topk
         body: dict[str, Any] = {
@@ -464,22 +487,33 @@ class Explainer:
                 for p, index in zip(inference.top_p[b, :topk].tolist(), inference.top_i[b, :topk].tolist())
             ],
             "image": {"width": item.geometry.width, "height": item.geometry.height},
-            "explanations": {name: entries[(name, None)] for name in item.options.explanations if (name, None) in entries},
+            "explanations": {
+                name: entries[(name, None)] for name in item.options.explanations if (name, None) in entries
+            },
             "layer": str(self.layer),
         }
         if item.options.class_conditional:
             index, probability = inference.explained[b]
-            body["explained_class"] = {"index": index, "label": self.labels[index], "probability": round(probability, 6)}
+            body["explained_class"] = {
+                "index": index,
+                "label": self.labels[index],
+                "probability": round(probability, 6),
+            }
         if "targeted_dve" in body["explanations"]:
             valid = inference.box_valid[b]
-            body["explanations"]["targeted_dve"]["box"] = item.geometry.box_to_original(inference.boxes[b]) if valid else None
+            body["explanations"]["targeted_dve"]["box"] = (
+                item.geometry.box_to_original(inference.boxes[b]) if valid else None
+            )
         if b in inference.stage_maps:
             body["stages"] = [
-                {"layer": str(stage), "shape": list(stage.shape), "dve": entries[("stage", s)]} for s, stage in enumerate(self.stages)
+                {"layer": str(stage), "shape": list(stage.shape), "dve": entries[("stage", s)]}
+                for s, stage in enumerate(self.stages)
             ]
         return body
 
-    def _channel_weights(self, batch: list[PreparedImage], features: torch.Tensor, classes: list[int]) -> torch.Tensor | None:
+    def _channel_weights(
+        self, batch: list[PreparedImage], features: torch.Tensor, classes: list[int]
+    ) -> torch.Tensor | None:
         """B x C weights for ``dve.explain``: the classifier's row for each row's explained
         class (``classes``: its target or its top class) where a request asked for
         class-conditional maps, ones (the paper's DVE) elsewhere; None when nobody asked."""
@@ -519,7 +553,9 @@ class CompiledExplain:
         self.compiled = torch.compile(dve.explain, mode="reduce-overhead", dynamic=False)
         self.failed = False
 
-    def __call__(self, features: torch.Tensor, params: dve.DVEParams, input_size: tuple[int, int], weights: torch.Tensor | None) -> dve.Explanation:
+    def __call__(
+        self, features: torch.Tensor, params: dve.DVEParams, input_size: tuple[int, int], weights: torch.Tensor | None
+    ) -> dve.Explanation:
         if not self.failed:
             try:
                 out = self.compiled(features, params, input_size, weights)

@@ -13,9 +13,9 @@ import io
 import struct
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from math import ceil, floor
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class CropGeometry:
     input_size: int
 
     @classmethod
-    def centre_crop(cls, width: int, height: int, resize_size: int, crop_size: int) -> "CropGeometry":
+    def centre_crop(cls, width: int, height: int, resize_size: int, crop_size: int) -> CropGeometry:
         """The crop of "scale the short side to resize_size, then centre-crop crop_size"."""
         side = crop_size * min(width, height) / resize_size
         return cls(width, height, (width - side) / 2, (height - side) / 2, side, crop_size)
@@ -153,7 +153,9 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise RequestError(f"image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}", 413)
+                raise RequestError(
+                    f"image is {width} x {height} = {width * height} pixels; the limit is {max_pixels}", 413
+                )
             # Pillow reads a PNG's whole image data to look for an eXIf chunk behind it; the
             # PNG specification puts eXIf before the data, so only that one counts.
             late_exif = image.format == "PNG" and "exif" not in image.info
@@ -165,7 +167,9 @@ def open_image(data: bytes, *, max_pixels: int) -> OpenedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise RequestError(f"image is too large: {exc}", 413) from None
     except UnidentifiedImageError:
-        raise RequestError("the data is not an image in a format the server reads (JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF, GIF, ...)") from None
+        raise RequestError(
+            "the data is not an image in a format the server reads (JPEG, PNG, WebP, HEIC, AVIF, BMP, TIFF, GIF, ...)"
+        ) from None
     except Exception as exc:  # Pillow's header parsers fail corrupt data with many exception types
         raise RequestError(f"the image is truncated or corrupt: {exc}") from None
     return OpenedImage(image, width, height, orientation, srgb_transform(image))

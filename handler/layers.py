@@ -12,9 +12,10 @@ cut into *stages*, one per spatial resolution (VGG-16: pool1..pool5), found by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ class FeatureLayer:
     capture: Literal["output", "input"] = "output"
 
     @classmethod
-    def parse(cls, spec: str) -> "FeatureLayer":
+    def parse(cls, spec: str) -> FeatureLayer:
         """Parses ``"features.30"`` or ``"avgpool:input"`` (the tensor entering avgpool)."""
         name, _, capture = spec.partition(":")
         capture = capture or "output"
@@ -67,7 +68,7 @@ class FeatureCapture:
     def _hook(self, module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
         self.features = inputs[0] if self.layer.capture == "input" else output
 
-    def __enter__(self) -> "FeatureCapture":
+    def __enter__(self) -> FeatureCapture:
         self.features = None
         self._handle = self.module.register_forward_hook(self._hook)
         return self
@@ -134,7 +135,7 @@ class StageCapture:
 
         return hook
 
-    def __enter__(self) -> "StageCapture":
+    def __enter__(self) -> StageCapture:
         self.features = [None] * len(self.stages)
         self._calls = {}
         try:
@@ -197,7 +198,12 @@ def _trace_calls(model: nn.Module, example: torch.Tensor, *, all_modules: bool =
             start = starts[name].pop() if starts.get(name) else clock[0]
             end = clock[0]
             clock[0] += 1
-            if inputs and isinstance(inputs[0], torch.Tensor) and inputs[0].dim() == 4 and isinstance(output, torch.Tensor):
+            if (
+                inputs
+                and isinstance(inputs[0], torch.Tensor)
+                and inputs[0].dim() == 4
+                and isinstance(output, torch.Tensor)
+            ):
                 raw.append((name, module, tuple(inputs[0].shape), tuple(output.shape), call, start, end))
 
         return hook
@@ -261,7 +267,9 @@ def find_feature_layer(model: nn.Module, example: torch.Tensor) -> FeatureLayer:
     return FeatureLayer(spatial[-1].name, "output")
 
 
-def resolve_feature_layer(model: nn.Module, example: torch.Tensor, spec: str | None = None) -> tuple[FeatureLayer, tuple[int, ...]]:
+def resolve_feature_layer(
+    model: nn.Module, example: torch.Tensor, spec: str | None = None
+) -> tuple[FeatureLayer, tuple[int, ...]]:
     """The layer to explain (``spec`` if given, else found) and its feature-map shape.
 
     Runs ``example`` through the model once to check that the layer yields a

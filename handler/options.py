@@ -19,8 +19,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from handler.config import EXPLANATIONS, FORMATS, Limits, RequestDefaults
 from handler.errors import RequestError
@@ -93,14 +94,18 @@ def parse_request(
     if unknown:
         raise RequestError(f"unknown field(s) {_shown(unknown)}; allowed: {['image', *OPTION_NAMES]}")
     if fields.get("image") is None:
-        raise RequestError("the request has no image: send the image as the body, as a JSON field 'image' (base64) or as a multipart field 'image'")
+        raise RequestError(
+            "the request has no image: send the image as the body, as a JSON field 'image' (base64) or as a multipart field 'image'"
+        )
     image = _image_bytes(fields["image"])
     if len(image) > limits.max_image_bytes:
         raise RequestError(f"image is {len(image)} bytes; the limit is {limits.max_image_bytes}", 413)
     target = parse_target(fields["target"], num_classes, labels) if "target" in fields else None
     class_conditional = parse_flag(fields.get("class_conditional", defaults.class_conditional), "class_conditional")
     if target is not None and "class_conditional" in fields and not class_conditional:
-        raise RequestError("'target' explains a class through the class-conditional weighting: leave out 'class_conditional' or set it to true")
+        raise RequestError(
+            "'target' explains a class through the class-conditional weighting: leave out 'class_conditional' or set it to true"
+        )
     options = RequestOptions(
         topk=_topk(fields.get("topk", defaults.topk), num_classes),
         explanations=parse_explanations(fields.get("explanations", defaults.explanations)),
@@ -153,14 +158,14 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
     if isinstance(body, Mapping):
         return dict(body)
     if is_json:
-        raise RequestError("a JSON body must be an object such as {\"image\": \"<base64>\", \"topk\": 5}")
+        raise RequestError('a JSON body must be an object such as {"image": "<base64>", "topk": 5}')
     if isinstance(body, str):  # TorchServe decodes text/* bodies: only base64 text can be an image
         try:
             return {"image": _image_bytes(body)}
         except RequestError:
             raise RequestError(
                 "the body is text, not an image: send the image's bytes with Content-Type image/jpeg, "
-                "image/png or application/octet-stream, or JSON {\"image\": \"<base64>\"}"
+                'image/png or application/octet-stream, or JSON {"image": "<base64>"}'
             ) from None
     return {"image": body}
 
@@ -175,7 +180,9 @@ def _json_body(body: bytes) -> Any:
 
 def _json_int(text: str) -> int:
     if len(text.lstrip("-")) > MAX_DIGITS:
-        raise RequestError(f"the JSON body holds a number of {len(text)} digits; options take integers of at most {MAX_DIGITS} digits")
+        raise RequestError(
+            f"the JSON body holds a number of {len(text)} digits; options take integers of at most {MAX_DIGITS} digits"
+        )
     return int(text)
 
 
@@ -256,7 +263,9 @@ def parse_target(value: Any, num_classes: int, labels: Sequence[str]) -> int:
         value = _int(value, "target")
     if isinstance(value, int) and not isinstance(value, bool):
         if not 0 <= value < num_classes:
-            raise RequestError(f"'target' {_shown(value)} is not a class index: the model's classes are 0 .. {num_classes - 1}")
+            raise RequestError(
+                f"'target' {_shown(value)} is not a class index: the model's classes are 0 .. {num_classes - 1}"
+            )
         return value
     if not isinstance(value, str):
         raise RequestError(f"'target' must be a class index or a label, got {_shown(value)}")
@@ -267,7 +276,9 @@ def parse_target(value: Any, num_classes: int, labels: Sequence[str]) -> int:
     if not matches:
         raise RequestError(f"'target' {_shown(value)} is neither a class index nor one of the model's labels")
     if len(matches) > 1:
-        raise RequestError(f"'target' {_shown(value)} names {len(matches)} classes ({', '.join(map(str, matches))}): send its index")
+        raise RequestError(
+            f"'target' {_shown(value)} names {len(matches)} classes ({', '.join(map(str, matches))}): send its index"
+        )
     return matches[0]
 
 
@@ -291,5 +302,7 @@ def _map_size(value: Any, limits: Limits) -> int | None:
         return None
     size = _int(value, "map_size")
     if not MIN_MAP_SIZE <= size <= limits.max_map_size:
-        raise RequestError(f"'map_size' must be \"original\" or lie between {MIN_MAP_SIZE} and {limits.max_map_size}, got {_shown(size)}")
+        raise RequestError(
+            f"'map_size' must be \"original\" or lie between {MIN_MAP_SIZE} and {limits.max_map_size}, got {_shown(size)}"
+        )
     return size

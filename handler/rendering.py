@@ -42,9 +42,11 @@ _ANCHORS = [
     (1.00, (128, 0, 0)),
 ]
 _LEVELS = np.linspace(0.0, 1.0, 256)
-COLORMAP = np.stack(
-    [np.interp(_LEVELS, [a[0] for a in _ANCHORS], [a[1][c] for a in _ANCHORS]) for c in range(3)], axis=1
-).round().astype(np.uint8)
+COLORMAP = (
+    np.stack([np.interp(_LEVELS, [a[0] for a in _ANCHORS], [a[1][c] for a in _ANCHORS]) for c in range(3)], axis=1)
+    .round()
+    .astype(np.uint8)
+)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,12 @@ def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device:
     than the drawing itself at batch 1.
     """
     if out_n * n_in <= CACHED_WEIGHTS_MAX_VALUES:
-        weights = np.stack([_cached_axis_weights(out_n, float(full), float(start), float(side), n_in) for full, start, side in geometry])
+        weights = np.stack(
+            [
+                _cached_axis_weights(out_n, float(full), float(start), float(side), n_in)
+                for full, start, side in geometry
+            ]
+        )
     else:
         weights = _axis_weights(out_n, geometry, n_in)
     return torch.from_numpy(weights).to(device, non_blocking=True)
@@ -179,7 +186,9 @@ def overlay(photo: Image.Image | np.ndarray, map_u8: np.ndarray) -> np.ndarray:
         if photo.size != (width, height):
             photo = photo.resize((width, height), OVERLAY_RESAMPLING)
         photo = np.array(photo.convert("RGB"))
-    return blend(torch.from_numpy(np.array(map_u8, dtype=np.uint8)), torch.from_numpy(np.array(photo, dtype=np.uint8))).numpy()
+    return blend(
+        torch.from_numpy(np.array(map_u8, dtype=np.uint8)), torch.from_numpy(np.array(photo, dtype=np.uint8))
+    ).numpy()
 
 
 def draw(drawings: list[Drawing]) -> list[np.ndarray | Exception]:
@@ -215,7 +224,10 @@ def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[
     """
     group = [drawings[i] for i in members]
     device = group[0].grid.device
-    places = np.array([(d.geometry.height, d.geometry.top, d.geometry.width, d.geometry.left, d.geometry.side) for d in group], dtype=np.float64)
+    places = np.array(
+        [(d.geometry.height, d.geometry.top, d.geometry.width, d.geometry.left, d.geometry.side) for d in group],
+        dtype=np.float64,
+    )
     pictures = _render(torch.stack([d.grid for d in group]), places, group[0].size)
     blocks = []
     for fmt in ("array", "png", "overlay"):
@@ -232,7 +244,9 @@ def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[
     return blocks
 
 
-def _to_host(count: int, blocks: list[tuple[list[int], torch.Tensor]], failed: dict[int, Exception]) -> list[np.ndarray | Exception]:
+def _to_host(
+    count: int, blocks: list[tuple[list[int], torch.Tensor]], failed: dict[int, Exception]
+) -> list[np.ndarray | Exception]:
     """One device-to-host copy for every drawn map: the blocks' bytes, concatenated, 4-byte aligned."""
     pieces, offsets, position = [], [], 0
     for _, block in blocks:

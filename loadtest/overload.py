@@ -47,14 +47,35 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--queue-sizes", type=int, nargs="+", help=f"job_queue_size values (default: TorchServe's {overload.TORCHSERVE_DEFAULT_QUEUE} and config.properties')")
+    parser.add_argument(
+        "--queue-sizes",
+        type=int,
+        nargs="+",
+        help=f"job_queue_size values (default: TorchServe's {overload.TORCHSERVE_DEFAULT_QUEUE} and config.properties')",
+    )
     parser.add_argument("--users", type=int, nargs="+", default=[4, 64, 200])
     parser.add_argument("--seconds", type=int, default=40, help="length of each measured phase")
-    parser.add_argument("--warmup", type=int, default=10, help="seconds of 4 users before the phases of each server (0: none)")
-    parser.add_argument("--pause-after-503", type=float, default=1.0, help="seconds a rejected user waits before its next request (0: none)")
-    parser.add_argument("--quiet", type=float, default=0.2, help="before each phase, wait (up to 15 min) until other processes use less CPU s/s than this")
-    parser.add_argument("--repeats", type=int, default=3, help="times a phase is measured again when others used over --quiet during it")
-    parser.add_argument("--no-wait", action="store_true", help="start each phase at once and never repeat it, busy machine or not")
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="seconds of 4 users before the phases of each server (0: none)"
+    )
+    parser.add_argument(
+        "--pause-after-503",
+        type=float,
+        default=1.0,
+        help="seconds a rejected user waits before its next request (0: none)",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=0.2,
+        help="before each phase, wait (up to 15 min) until other processes use less CPU s/s than this",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="times a phase is measured again when others used over --quiet during it"
+    )
+    parser.add_argument(
+        "--no-wait", action="store_true", help="start each phase at once and never repeat it, busy machine or not"
+    )
     parser.add_argument("--port-base", type=int, default=overload.PORT_BASE)
     parser.add_argument("--report-dir", type=Path, default=ROOT / "build" / "overload" / time.strftime("%Y%m%d-%H%M%S"))
     return overload.run(parser.parse_args(argv))

@@ -47,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay", type=int, default=5)
     parser.add_argument("--workers", type=int, default=1, help="workers per model")
-    parser.add_argument("--torch-threads", type=int, help="PyTorch threads per worker (OMP_NUM_THREADS); default: PyTorch's own")
+    parser.add_argument(
+        "--torch-threads", type=int, help="PyTorch threads per worker (OMP_NUM_THREADS); default: PyTorch's own"
+    )
     parser.add_argument("--report-dir", type=Path, default=ROOT / "build" / "loadtest" / time.strftime("%Y%m%d-%H%M%S"))
     return runner.run(parser.parse_args(argv))
 

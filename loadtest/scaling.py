@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--users", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--seconds", type=int, default=20)
-    parser.add_argument("--report-dir", type=Path, default=ROOT / "build" / "loadtest" / time.strftime("scaling-%Y%m%d-%H%M%S"))
+    parser.add_argument(
+        "--report-dir", type=Path, default=ROOT / "build" / "loadtest" / time.strftime("scaling-%Y%m%d-%H%M%S")
+    )
     return scaling.run(parser.parse_args(argv))
 
 

@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=8, help="requests sent at once for the full batch (the archive's batchSize)")
+    parser.add_argument(
+        "--batch", type=int, default=8, help="requests sent at once for the full batch (the archive's batchSize)"
+    )
     parser.add_argument("--max-seconds", type=float, default=2.0, help="budget of one request alone")
     parser.add_argument("--max-extra-mb", type=float, default=500.0, help="budget of one request's extra worker memory")
     parser.add_argument("--response-timeout", type=int, default=120, help="the archive's responseTimeout")

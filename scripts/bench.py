@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__ + "\n" + bench.__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__ + "\n" + bench.__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "vgg16"], choices=bench.MODELS)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=15, help="repetitions at most (at least 3)")
@@ -34,7 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput-budget", type=float, default=20.0, help="seconds of timed runs per batch size")
     args = parser.parse_args(argv)
     device = choose_device(args.device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+    )
     print(f"device: {where}; torch {torch.__version__}; medians of interleaved repeats")
     photos = bench.jpeg_photos()
     if "dve" in args.sections:
@@ -42,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     if "throughput" in args.sections:
         bench.throughput(device, args.throughput_batch_sizes, photos, args.throughput_budget, ROOT / "build" / "bench")
     return 0
-
-
 
 
 if __name__ == "__main__":

@@ -35,18 +35,28 @@ from serving.archive import DEFAULT_EXPORT, ArchiveOptions, BuildError, build
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("architecture", help=f"{EFFICIENTNET_LITE0}, a torchvision classifier name (vgg16, resnet50, ...) or {CUSTOM}")
+    parser.add_argument(
+        "architecture", help=f"{EFFICIENTNET_LITE0}, a torchvision classifier name (vgg16, resnet50, ...) or {CUSTOM}"
+    )
     parser.add_argument("--name", help="model name in TorchServe's URLs (default: the architecture)")
     parser.add_argument("--version", default="1.0")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, help="state dict file (.pth/.pt) of the model")
     source.add_argument("--download", action="store_true", help="torchvision's ImageNet weights (needs a network)")
-    source.add_argument("--random-weights", action="store_true", help="untrained weights, for tests only: explanations are meaningless")
-    parser.add_argument("--labels", type=Path, help="class names: index_to_name.json, a JSON list or one name per line (default: ImageNet)")
+    source.add_argument(
+        "--random-weights", action="store_true", help="untrained weights, for tests only: explanations are meaningless"
+    )
+    parser.add_argument(
+        "--labels",
+        type=Path,
+        help="class names: index_to_name.json, a JSON list or one name per line (default: ImageNet)",
+    )
     parser.add_argument("--num-classes", type=int, help="number of classes (default: from the labels, else 1000)")
     parser.add_argument("--model-file", type=Path, help="custom: Python file defining the model class")
     parser.add_argument("--model-class", help="custom: name of the nn.Module subclass in --model-file")
-    parser.add_argument("--target-layer", help="layer to explain, e.g. features.30 or avgpool:input (default: found automatically)")
+    parser.add_argument(
+        "--target-layer", help="layer to explain, e.g. features.30 or avgpool:input (default: found automatically)"
+    )
     parser.add_argument("--resize-size", type=int, help="short side before the centre crop (default: the model's own)")
     parser.add_argument("--crop-size", type=int, help="side of the square input (default: the model's own)")
     parser.add_argument("--mean", type=float, nargs=3, help="per-channel mean of the [0, 1] input")
@@ -70,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="per-request limits other than the defaults (docs/reliability.md, 'Bounded work per request'), "
-        "e.g. --limits max_rendered_pixels=30000000 max_response_bytes=41943040; keys: " + ", ".join(f.name for f in fields(Limits)),
+        "e.g. --limits max_rendered_pixels=30000000 max_response_bytes=41943040; keys: "
+        + ", ".join(f.name for f in fields(Limits)),
     )
     parser.add_argument(
         "--compile-dve",
@@ -80,8 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")
     parser.add_argument("--workers", type=int, default=1, help="workers per model (default 1)")
-    parser.add_argument("--response-timeout", type=int, default=120, help="seconds before TorchServe gives up on a batch")
-    parser.add_argument("--export-path", type=Path, default=DEFAULT_EXPORT, help="where the .mar goes (default model_store/)")
+    parser.add_argument(
+        "--response-timeout", type=int, default=120, help="seconds before TorchServe gives up on a batch"
+    )
+    parser.add_argument(
+        "--export-path", type=Path, default=DEFAULT_EXPORT, help="where the .mar goes (default model_store/)"
+    )
     return parser.parse_args(argv)
 
 

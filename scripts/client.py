@@ -41,7 +41,9 @@ def _explanations(text: str) -> list[str]:
     names = [] if text.strip().lower() in ("", "none") else [name.strip() for name in text.split(",")]
     unknown = [name for name in names if name not in MAP_NAMES]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown map {unknown[0]!r}: use a comma-separated list of {', '.join(MAP_NAMES)}, or none")
+        raise argparse.ArgumentTypeError(
+            f"unknown map {unknown[0]!r}: use a comma-separated list of {', '.join(MAP_NAMES)}, or none"
+        )
     return names
 
 
@@ -63,22 +65,40 @@ def _arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("images", nargs="+", type=Path)
     parser.add_argument("--model", default="efficientnet_lite0")
-    parser.add_argument("--url", default=None, help="the inference address (default http://127.0.0.1:$PORT_BASE, 8080 if unset)")
+    parser.add_argument(
+        "--url", default=None, help="the inference address (default http://127.0.0.1:$PORT_BASE, 8080 if unset)"
+    )
     parser.add_argument("--key-file", type=Path, default=DEFAULT_KEY_FILE, help="TorchServe's key_file.json")
     api = parser.add_argument_group("the API's options (default: the server's)")
     api.add_argument("--topk", type=int, help="how many classes to return")
-    api.add_argument("--explanations", type=_explanations, help="maps to return: dve,targeted_dve (both), dve, targeted_dve, or none")
-    api.add_argument("--format", choices=["png", "overlay", "array"], help="png: gray map; overlay: the photo coloured by the map; array: floats")
+    api.add_argument(
+        "--explanations", type=_explanations, help="maps to return: dve,targeted_dve (both), dve, targeted_dve, or none"
+    )
+    api.add_argument(
+        "--format",
+        choices=["png", "overlay", "array"],
+        help="png: gray map; overlay: the photo coloured by the map; array: floats",
+    )
     api.add_argument("--map-size", type=_map_size, help='long side of the maps in pixels, or "original"')
     api.add_argument("--stages", action="store_true", help="also return the DVE map of every stage of the model")
-    api.add_argument("--class-conditional", action="store_true", help="explain the top class rather than the paper's class-agnostic DVE")
+    api.add_argument(
+        "--class-conditional",
+        action="store_true",
+        help="explain the top class rather than the paper's class-agnostic DVE",
+    )
     api.add_argument("--target", type=_target, help="explain this class: an index or a label")
     output = parser.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print each raw answer as one line of JSON")
-    output.add_argument("--out", type=Path, help="folder for the maps (default build/client; with --json: none unless given)")
+    output.add_argument(
+        "--out", type=Path, help="folder for the maps (default build/client; with --json: none unless given)"
+    )
     retries = parser.add_argument_group("retries of 503")
-    retries.add_argument("--tries", type=int, default=Backoff.tries, help="attempts per image when the server answers 503 (1: no retry)")
-    retries.add_argument("--retry-budget", type=float, default=Backoff.budget, help="most seconds to wait between those attempts, in all")
+    retries.add_argument(
+        "--tries", type=int, default=Backoff.tries, help="attempts per image when the server answers 503 (1: no retry)"
+    )
+    retries.add_argument(
+        "--retry-budget", type=float, default=Backoff.budget, help="most seconds to wait between those attempts, in all"
+    )
     return parser
 
 
@@ -93,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         token = read_token(args.key_file)
     except (OSError, ValueError, KeyError):
-        print(f"error: no inference key in {args.key_file}; start the server with `make serve` or pass --key-file", file=sys.stderr)
+        print(
+            f"error: no inference key in {args.key_file}; start the server with `make serve` or pass --key-file",
+            file=sys.stderr,
+        )
         return 1
     options = options_from(args)
     failed = 0

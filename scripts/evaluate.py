@@ -24,10 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=16, help="deletion/insertion steps (default 16)")
     parser.add_argument("--per-object", type=int, default=36, help="composites made per object (default 36)")
-    parser.add_argument("--photos", nargs="+", choices=sorted(photos.PHOTOS), help="photos for deletion/insertion (default all)")
+    parser.add_argument(
+        "--photos", nargs="+", choices=sorted(photos.PHOTOS), help="photos for deletion/insertion (default all)"
+    )
     parser.add_argument("--quick", action="store_true", help="only the defaults, Grad-CAM and the baselines (no sweep)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "evaluation")
@@ -44,11 +48,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_overlays(args.out, explainer, examples, methods)
     text = report.write_report(
-        args.out, args, explainer, results, predictions, composites, made, forward_ms, methods, box_ious, time.perf_counter() - start
+        args.out,
+        args,
+        explainer,
+        results,
+        predictions,
+        composites,
+        made,
+        forward_ms,
+        methods,
+        box_ious,
+        time.perf_counter() - start,
     )
     report.write_results(args.out, args.steps, explainer, predictions, composites, results, box_ious)
     print(text)
-    print(f"\nwrote {args.out / 'report.md'}, results.json and overlays.png in {report.clock(time.perf_counter() - start)}", file=sys.stderr)
+    print(
+        f"\nwrote {args.out / 'report.md'}, results.json and overlays.png in {report.clock(time.perf_counter() - start)}",
+        file=sys.stderr,
+    )
     return 0
 
 

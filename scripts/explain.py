@@ -47,9 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.images:
-        fields = {"image": path.read_bytes(), "topk": args.topk, "map_size": args.map_size, "explanations": args.explanations}
+        fields = {
+            "image": path.read_bytes(),
+            "topk": args.topk,
+            "map_size": args.map_size,
+            "explanations": args.explanations,
+        }
         try:
-            request = parse_request(fields, content_type=None, defaults=config.defaults, limits=config.limits, num_classes=config.num_classes)
+            request = parse_request(
+                fields,
+                content_type=None,
+                defaults=config.defaults,
+                limits=config.limits,
+                num_classes=config.num_classes,
+            )
         except RequestError as error:
             request = error
         (result,) = explainer.run([request])

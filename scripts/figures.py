@@ -41,13 +41,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--archive", type=Path, help="a .mar archive (default: EfficientNet-Lite0 with its real weights)")
+    common.add_argument(
+        "--archive", type=Path, help="a .mar archive (default: EfficientNet-Lite0 with its real weights)"
+    )
     common.add_argument("--device", default="auto", choices=list(DEVICES))
-    grid = commands.add_parser("grid", parents=[common], help="Fig. 4/5: crop, DVE, targeted DVE + box, Grad-CAM per photo")
+    grid = commands.add_parser(
+        "grid", parents=[common], help="Fig. 4/5: crop, DVE, targeted DVE + box, Grad-CAM per photo"
+    )
     grid.add_argument("--images", nargs="+", default=list(figures.DEFAULT_IMAGES), help="photo names or image files")
-    grid.add_argument("--truth", action="append", default=[], metavar="NAME=CLASSES", help="classes that count as right for a photo (index or label, comma-separated); repeatable")
+    grid.add_argument(
+        "--truth",
+        action="append",
+        default=[],
+        metavar="NAME=CLASSES",
+        help="classes that count as right for a photo (index or label, comma-separated); repeatable",
+    )
     grid.add_argument("--out", type=Path, default=ROOT / "build" / "figures" / "grid.png")
-    sweep = commands.add_parser("blur", parents=[common], help="Fig. 6: prediction and explanation against Gaussian blur")
+    sweep = commands.add_parser(
+        "blur", parents=[common], help="Fig. 6: prediction and explanation against Gaussian blur"
+    )
     sweep.add_argument("--image", default=figures.DEFAULT_BLUR_IMAGE, help="a photo name or an image file")
     sweep.add_argument("--sigmas", nargs="+", type=float, default=list(figures.DEFAULT_SIGMAS))
     sweep.add_argument("--truth", action="append", default=[], metavar="NAME=CLASSES", help="as for grid")
@@ -77,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(figures.grid_table(rows, labels))
             size = figures.draw_grid(rows, labels, model, args.out)
         else:
-            (name, image), = images
+            ((name, image),) = images
             original, steps = figures.blur_sweep(explainer, model_crop(explainer, image), args.sigmas, truths.get(name))
             print(f"{name}: Gaussian blur of the model's input crop (kernel 2*ceil(3 sigma)+1)")
             print(figures.blur_table(original, steps, labels))

@@ -36,14 +36,18 @@ def server_doc() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__ + "\n" + server_doc(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__ + "\n" + server_doc(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0"], help="archive names in the model store")
     parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR)
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--model-store", type=Path, default=DEFAULT_STORE)
     parser.add_argument(
-        "--port-base", type=int, help="use ports N, N+1, N+2 (HTTP) and N+4, N+5 (gRPC); default: $PORT_BASE, else config.properties' ports"
+        "--port-base",
+        type=int,
+        help="use ports N, N+1, N+2 (HTTP) and N+4, N+5 (gRPC); default: $PORT_BASE, else config.properties' ports",
     )
     parser.add_argument("--example-image", type=Path, default=ROOT / "build" / "samples" / "chelsea.jpg")
     args = parser.parse_args(argv)
@@ -53,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     port_base = args.port_base if args.port_base is not None else requested_port_base()
     running = running_server(args.run_dir)
     if running:
-        print(f"TorchServe is already up at {running.inference_url} (started from {running.run_dir}; `make stop` stops it)")
+        print(
+            f"TorchServe is already up at {running.inference_url} (started from {running.run_dir}; `make stop` stops it)"
+        )
         if port_base is not None and running.inference_url != f"http://127.0.0.1:{port_base}":
             print(f"note: it keeps its ports; to move it to PORT_BASE={port_base}, `make stop` first")
         try:
@@ -64,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         print_usage(running, args.models, args.example_image)
         return 0
     try:
-        server = start(args.models, run_dir=args.run_dir, config=args.config, model_store=args.model_store, port_base=port_base)
+        server = start(
+            args.models, run_dir=args.run_dir, config=args.config, model_store=args.model_store, port_base=port_base
+        )
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

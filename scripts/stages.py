@@ -45,14 +45,27 @@ DEFAULT_OUT = ROOT / "build" / "figures" / "stages.png"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=EFFICIENTNET_LITE0, help=f"{EFFICIENTNET_LITE0} (default), vgg16 or another torchvision classifier")
+    parser.add_argument(
+        "--model",
+        default=EFFICIENTNET_LITE0,
+        help=f"{EFFICIENTNET_LITE0} (default), vgg16 or another torchvision classifier",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", type=Path, help="the model's state dict (.pth); VGG-16: vgg16-397923af.pth")
     source.add_argument("--random-weights", action="store_true", help="an untrained model (the figure's title says so)")
     source.add_argument("--download", action="store_true", help="torchvision's ImageNet weights (needs a network)")
-    source.add_argument("--archive", type=Path, help="a model archive built by scripts/build_mar.py, loaded as a worker loads it")
-    parser.add_argument("--images", nargs="+", type=Path, help="image files (default: scikit-image's " + ", ".join(figures.STAGES_IMAGES) + ")")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the PNG to write (default build/figures/stages.png)")
+    source.add_argument(
+        "--archive", type=Path, help="a model archive built by scripts/build_mar.py, loaded as a worker loads it"
+    )
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        type=Path,
+        help="image files (default: scikit-image's " + ", ".join(figures.STAGES_IMAGES) + ")",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help="the PNG to write (default build/figures/stages.png)"
+    )
     parser.add_argument("--panel", type=int, default=160, help="side of each panel in pixels (default 160)")
     parser.add_argument("--device", default="auto", choices=list(DEVICES))
     return parser.parse_args(argv)
@@ -66,12 +79,19 @@ def main(argv: list[str] | None = None) -> int:
             raise FigureError(f"--panel must be at least 32 pixels, got {args.panel}")
         images = figures.read_images(args.images)
         explainer, weights = figures.stages_explainer(
-            device, args.model, weights=args.weights, random_weights=args.random_weights, download=args.download, archive=args.archive
+            device,
+            args.model,
+            weights=args.weights,
+            random_weights=args.random_weights,
+            download=args.download,
+            archive=args.archive,
         )
     except FigureError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{weights}; stages: " + ", ".join(f"{stage} {'x'.join(map(str, stage.shape))}" for stage in explainer.stages))
+    print(
+        f"{weights}; stages: " + ", ".join(f"{stage} {'x'.join(map(str, stage.shape))}" for stage in explainer.stages)
+    )
     results = figures.explain_stages(explainer, images, args.panel)
     timings = explainer.timings
     print(

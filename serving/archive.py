@@ -78,13 +78,26 @@ class ArchiveOptions:
 
 def serving_config(args: ArchiveOptions, labels: list[str]) -> ServingConfig:
     """The handler's config: the model's own preprocessing unless the user overrides it."""
-    config = ServingConfig(architecture=args.architecture, num_classes=len(labels), model_class=args.model_class, target_layer=args.target_layer)
+    config = ServingConfig(
+        architecture=args.architecture,
+        num_classes=len(labels),
+        model_class=args.model_class,
+        target_layer=args.target_layer,
+    )
     if args.architecture == EFFICIENTNET_LITE0:
         config = replace(config, **LITE0_NORMALISATION)
     elif args.architecture != CUSTOM:
         preset = torchvision.models.get_model_weights(args.architecture).DEFAULT.transforms()
-        config = replace(config, resize_size=preset.resize_size[0], crop_size=preset.crop_size[0], mean=tuple(preset.mean), std=tuple(preset.std))
-    overrides = {key: value for key, value in (("resize_size", args.resize_size), ("crop_size", args.crop_size)) if value}
+        config = replace(
+            config,
+            resize_size=preset.resize_size[0],
+            crop_size=preset.crop_size[0],
+            mean=tuple(preset.mean),
+            std=tuple(preset.std),
+        )
+    overrides = {
+        key: value for key, value in (("resize_size", args.resize_size), ("crop_size", args.crop_size)) if value
+    }
     overrides.update({key: tuple(value) for key, value in (("mean", args.mean), ("std", args.std)) if value})
     try:
         explanations = parse_explanations(args.explanations)
@@ -157,7 +170,9 @@ def weights_file(args: ArchiveOptions, config: ServingConfig, workdir: Path) -> 
         from handler.models import build_model
 
         torch.manual_seed(0)
-        model = build_model(config.architecture, config.num_classes, model_file=args.model_file, model_class=args.model_class)
+        model = build_model(
+            config.architecture, config.num_classes, model_file=args.model_file, model_class=args.model_class
+        )
         torch.save(model.state_dict(), target)
         return target
     if args.download:
@@ -201,7 +216,9 @@ def model_config_yaml(args: ArchiveOptions, config: ServingConfig) -> str:
 def build(args: ArchiveOptions) -> Path:
     """Checks the model and writes ``<export-path>/<name>.mar``; returns its path."""
     if args.architecture not in (EFFICIENTNET_LITE0, CUSTOM, *torchvision_classifiers()):
-        raise BuildError(f"unknown architecture {args.architecture!r}: use {EFFICIENTNET_LITE0}, {CUSTOM} or a torchvision classifier name")
+        raise BuildError(
+            f"unknown architecture {args.architecture!r}: use {EFFICIENTNET_LITE0}, {CUSTOM} or a torchvision classifier name"
+        )
     if args.architecture == CUSTOM and not (args.model_file and args.model_class):
         raise BuildError("custom models need --model-file and --model-class")
     if args.model_file and not args.model_file.is_file():
@@ -213,10 +230,14 @@ def build(args: ArchiveOptions) -> Path:
         workdir = Path(tmp)
         weights = weights_file(args, config, workdir)
         try:
-            explainer = Explainer.from_files(config, weights=weights, labels=labels, device=torch.device("cpu"), model_file=args.model_file)
+            explainer = Explainer.from_files(
+                config, weights=weights, labels=labels, device=torch.device("cpu"), model_file=args.model_file
+            )
         except (ValueError, RuntimeError) as exc:
             raise BuildError(f"the model does not load: {exc}") from None
-        print(f"{name}: {config.architecture}, {config.num_classes} classes, explaining {explainer.layer} {explainer.feature_shape}")
+        print(
+            f"{name}: {config.architecture}, {config.num_classes} classes, explaining {explainer.layer} {explainer.feature_shape}"
+        )
         stage = workdir / "stage"
         stage.mkdir()
         stage_extra_files(stage, labels)
@@ -225,13 +246,20 @@ def build(args: ArchiveOptions) -> Path:
         args.export_path.mkdir(parents=True, exist_ok=True)
         command = [
             str(Path(sys.executable).parent / "torch-model-archiver"),
-            "--model-name", name,
-            "--version", args.version,
-            "--serialized-file", str(weights),
-            "--handler", str(HANDLER_DIR / "dve_handler.py"),
-            "--extra-files", str(stage),
-            "--config-file", str(config_file),
-            "--export-path", str(args.export_path),
+            "--model-name",
+            name,
+            "--version",
+            args.version,
+            "--serialized-file",
+            str(weights),
+            "--handler",
+            str(HANDLER_DIR / "dve_handler.py"),
+            "--extra-files",
+            str(stage),
+            "--config-file",
+            str(config_file),
+            "--export-path",
+            str(args.export_path),
             "--force",
         ]
         if args.model_file:

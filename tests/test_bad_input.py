@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from handler.config import Limits
 from evaluation.photos import encode_image as encode
+from handler.config import Limits
 from tests.test_integration import batch_totals, batches_since, post, post_image, worker_pids
 
 MODEL = "efficientnet_lite0"
@@ -46,20 +46,30 @@ def pids(server) -> list[int]:
 
 
 BAD_INPUT = {
-    "zero-bytes": (lambda p: dict(data=b"", headers={"Content-Type": "application/octet-stream"}), 400, r"no image data \(0 bytes\)"),
+    "zero-bytes": (
+        lambda p: dict(data=b"", headers={"Content-Type": "application/octet-stream"}),
+        400,
+        r"no image data \(0 bytes\)",
+    ),
     "random-bytes": (
         lambda p: dict(data=np.random.default_rng(1).bytes(5000), headers={"Content-Type": "application/octet-stream"}),
         400,
         r"not an image in a format the server reads",
     ),
-    "truncated-jpeg": (lambda p: dict(data=p["coffee"][:3000], headers={"Content-Type": "image/jpeg"}), 400, r"truncated or corrupt"),
+    "truncated-jpeg": (
+        lambda p: dict(data=p["coffee"][:3000], headers={"Content-Type": "image/jpeg"}),
+        400,
+        r"truncated or corrupt",
+    ),
     "text-file": (
         lambda p: dict(data=b"Dear user,\nthis is a text file.\n", headers={"Content-Type": "text/plain"}),
         400,
         r"the body is text, not an image",
     ),
     "text-file-as-octets": (
-        lambda p: dict(data=b"Dear user,\nthis is a text file.\n", headers={"Content-Type": "application/octet-stream"}),
+        lambda p: dict(
+            data=b"Dear user,\nthis is a text file.\n", headers={"Content-Type": "application/octet-stream"}
+        ),
         400,
         r"not an image in a format the server reads",
     ),
@@ -68,24 +78,67 @@ BAD_INPUT = {
         413,
         r"image is too large: Image size \(10000000000 pixels\) exceeds limit",
     ),
-    "over-pixel-limit": (lambda p: dict(data=big_png(8000, 6400), headers={"Content-Type": "image/png"}), 413, r"8000 x 6400 = 51200000 pixels"),
+    "over-pixel-limit": (
+        lambda p: dict(data=big_png(8000, 6400), headers={"Content-Type": "image/png"}),
+        413,
+        r"8000 x 6400 = 51200000 pixels",
+    ),
     "over-byte-limit": (
         lambda p: dict(data=b"\xff\xd8\xff" + bytes(MAX_IMAGE_BYTES), headers={"Content-Type": "image/jpeg"}),
         413,
         rf"image is {MAX_IMAGE_BYTES + 3} bytes; the limit is {MAX_IMAGE_BYTES}",
     ),
-    "invalid-base64": (lambda p: dict(json={"image": "this is not base64 at all!"}), 400, r"'image' is not valid base64"),
-    "invalid-json": (lambda p: dict(data=b'{"image": "abc', headers={"Content-Type": "application/json"}), 400, r"not valid JSON"),
-    "unknown-option": (lambda p: dict(json={"image": b64(p["chelsea"]), "colour": "red"}), 400, r"unknown field\(s\) \['colour'\]"),
-    "ill-typed-topk": (lambda p: dict(json={"image": b64(p["chelsea"]), "topk": "many"}), 400, r"'topk' must be an integer"),
-    "non-ascii-option": (lambda p: dict(json={"image": b64(p["chelsea"]), "topk": "\u00b2\u00a1"}), 400, r"'topk' must be an integer, got '\u00b2\u00a1'"),
-    "ill-typed-map-size": (lambda p: dict(json={"image": b64(p["chelsea"]), "map_size": 3.5}), 400, r"'map_size' must be an integer"),
-    "ill-typed-explanations": (lambda p: dict(json={"image": b64(p["chelsea"]), "explanations": 5}), 400, r"'explanations' must be a list"),
-    "ill-typed-format": (lambda p: dict(json={"image": b64(p["chelsea"]), "format": ["png"]}), 400, r"'format' must be one of"),
+    "invalid-base64": (
+        lambda p: dict(json={"image": "this is not base64 at all!"}),
+        400,
+        r"'image' is not valid base64",
+    ),
+    "invalid-json": (
+        lambda p: dict(data=b'{"image": "abc', headers={"Content-Type": "application/json"}),
+        400,
+        r"not valid JSON",
+    ),
+    "unknown-option": (
+        lambda p: dict(json={"image": b64(p["chelsea"]), "colour": "red"}),
+        400,
+        r"unknown field\(s\) \['colour'\]",
+    ),
+    "ill-typed-topk": (
+        lambda p: dict(json={"image": b64(p["chelsea"]), "topk": "many"}),
+        400,
+        r"'topk' must be an integer",
+    ),
+    "non-ascii-option": (
+        lambda p: dict(json={"image": b64(p["chelsea"]), "topk": "\u00b2\u00a1"}),
+        400,
+        r"'topk' must be an integer, got '\u00b2\u00a1'",
+    ),
+    "ill-typed-map-size": (
+        lambda p: dict(json={"image": b64(p["chelsea"]), "map_size": 3.5}),
+        400,
+        r"'map_size' must be an integer",
+    ),
+    "ill-typed-explanations": (
+        lambda p: dict(json={"image": b64(p["chelsea"]), "explanations": 5}),
+        400,
+        r"'explanations' must be a list",
+    ),
+    "ill-typed-format": (
+        lambda p: dict(json={"image": b64(p["chelsea"]), "format": ["png"]}),
+        400,
+        r"'format' must be one of",
+    ),
     "json-without-image": (lambda p: dict(json={"topk": 3}), 400, r"the request has no image"),
-    "5000-digit-option": (lambda p: dict(json={"image": b64(p["chelsea"]), "topk": "9" * 5000}), 400, r"'topk' has 5000 digits"),
+    "5000-digit-option": (
+        lambda p: dict(json={"image": b64(p["chelsea"]), "topk": "9" * 5000}),
+        400,
+        r"'topk' has 5000 digits",
+    ),
     "5000-digit-json-number": (
-        lambda p: dict(data=b'{"image": "%s", "map_size": %s}' % (b64(p["chelsea"]).encode(), b"9" * 5000), headers={"Content-Type": "application/json"}),
+        lambda p: dict(
+            data=b'{"image": "%s", "map_size": %s}' % (b64(p["chelsea"]).encode(), b"9" * 5000),
+            headers={"Content-Type": "application/json"},
+        ),
         400,
         r"a number of 5000 digits",
     ),
@@ -137,7 +190,10 @@ def test_unusual_image_modes_work(server, pids, mode):
     assert response.status_code == 200, response.text[:300]
     body = response.json()
     assert body["image"] == {"width": 320, "height": 240} and len(body["predictions"]) == 5
-    assert {name: (e["width"], e["height"]) for name, e in body["explanations"].items()} == {"dve": (224, 168), "targeted_dve": (224, 168)}
+    assert {name: (e["width"], e["height"]) for name, e in body["explanations"].items()} == {
+        "dve": (224, 168),
+        "targeted_dve": (224, 168),
+    }
     assert worker_pids(server, MODEL) == pids
 
 

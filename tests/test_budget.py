@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from evaluation.photos import encode_image as encode
 from handler import budget
 from handler.config import Limits
 from handler.imaging import CropGeometry
 from handler.options import ParsedRequest, RequestOptions
-from evaluation.photos import encode_image as encode
 
 BOTH = ("dve", "targeted_dve")
 
@@ -77,12 +77,24 @@ def test_the_answer_is_never_larger_than_counted(lite0_explainer, fmt):
     image = noise_png(640, 480)
     options = RequestOptions(1000, BOTH, fmt, 10_000, stages=True, class_conditional=True)
     refused = explainer.run([ParsedRequest(image, options)])[0]
-    size = budget.largest_map_size(options, CropGeometry.centre_crop(640, 480, 256, 224), explainer.config.limits, len(explainer.stages), explainer.label_chars)
+    size = budget.largest_map_size(
+        options,
+        CropGeometry.centre_crop(640, 480, 256, 224),
+        explainer.config.limits,
+        len(explainer.stages),
+        explainer.label_chars,
+    )
     assert refused.status == 413 and f"at most {size}" in refused.body["message"]
     sized = replace(options, map_size=size)
     result = explainer.run([ParsedRequest(image, sized)])[0]
     assert result.status == 200, result.body
-    cost = budget.request_cost(sized, CropGeometry.centre_crop(640, 480, 256, 224), decoded_pixels=0, stages=len(explainer.stages), label_chars=explainer.label_chars)
+    cost = budget.request_cost(
+        sized,
+        CropGeometry.centre_crop(640, 480, 256, 224),
+        decoded_pixels=0,
+        stages=len(explainer.stages),
+        label_chars=explainer.label_chars,
+    )
     assert len(result.to_bytes()) <= cost.response_bytes
 
 
@@ -115,7 +127,9 @@ def test_an_archive_sets_its_own_limits():
     from serving.archive import BuildError, limits
 
     assert limits([]) == Limits()
-    assert limits(["max_rendered_pixels=30000000", "max_map_size=8192"]) == Limits(max_rendered_pixels=30_000_000, max_map_size=8192)
+    assert limits(["max_rendered_pixels=30000000", "max_map_size=8192"]) == Limits(
+        max_rendered_pixels=30_000_000, max_map_size=8192
+    )
     for pairs in (["max_rendered_pixels=lots"], ["max_pixels=5"], ["max_map_size=0"], ["max_map_size"]):
         with pytest.raises(BuildError):
             limits(pairs)

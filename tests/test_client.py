@@ -14,7 +14,6 @@ from evaluation.photos import CAT_CLASSES
 from tests.conftest import cli
 
 
-
 @pytest.fixture
 def files(tmp_path, photos) -> dict[str, Path]:
     """A real photo, a text file with an image's name, and a path that does not exist."""
@@ -52,19 +51,46 @@ def test_json_prints_one_raw_answer_per_line_in_order(server, files, capsys):
 
 def test_the_flags_are_the_apis_options(server, files, tmp_path, capsys):
     status = run(
-        server, files["chelsea"], "--json", "--topk", "2", "--explanations", "dve", "--format", "array", "--map-size", "32",
-        "--class-conditional", "--out", tmp_path / "out",
+        server,
+        files["chelsea"],
+        "--json",
+        "--topk",
+        "2",
+        "--explanations",
+        "dve",
+        "--format",
+        "array",
+        "--map-size",
+        "32",
+        "--class-conditional",
+        "--out",
+        tmp_path / "out",
     )
     (answer,) = map(json.loads, capsys.readouterr().out.splitlines())
     assert status == 0 and len(answer["predictions"]) == 2
     assert list(answer["explanations"]) == ["dve"] and answer["explanations"]["dve"]["format"] == "array"
-    assert answer["explanations"]["dve"]["width"] == 32 and answer["explained_class"]["index"] == answer["predictions"][0]["index"]
+    assert (
+        answer["explanations"]["dve"]["width"] == 32
+        and answer["explained_class"]["index"] == answer["predictions"][0]["index"]
+    )
     saved = np.load(tmp_path / "out" / "chelsea_dve.npy")
     assert saved.shape == (21, 32) and 0.0 <= saved.min() and saved.max() == pytest.approx(1.0)
 
 
 def test_overlays_and_stages_are_written_as_the_server_sent_them(server, files, tmp_path, capsys):
-    status = run(server, files["chelsea"], "--format", "overlay", "--map-size", "64", "--stages", "--explanations", "targeted_dve", "--out", tmp_path)
+    status = run(
+        server,
+        files["chelsea"],
+        "--format",
+        "overlay",
+        "--map-size",
+        "64",
+        "--stages",
+        "--explanations",
+        "targeted_dve",
+        "--out",
+        tmp_path,
+    )
     out = capsys.readouterr().out
     assert status == 0 and "salient patch (targeted DVE): [" in out
     with Image.open(tmp_path / "chelsea_targeted_dve.png") as overlay:

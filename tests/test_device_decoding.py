@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from handler import imaging
-from handler.options import ParsedRequest, RequestOptions
 from evaluation.photos import SAMPLES
 from evaluation.photos import encode_image as encode
+from handler import imaging
+from handler.options import ParsedRequest, RequestOptions
 
 OPTIONS = RequestOptions(5, ("dve", "targeted_dve"), "overlay", 224)
 
@@ -40,7 +40,10 @@ def photo(size=(640, 480), seed=0) -> Image.Image:
     return Image.fromarray(smooth).resize(size, Image.Resampling.BICUBIC)
 
 
-@pytest.mark.parametrize("box, size", [((0, 0, 640, 480), (224, 168)), ((80.5, 12.25, 560.5, 470.75), (224, 224)), ((100, 100, 140, 130), (224, 168))])
+@pytest.mark.parametrize(
+    "box, size",
+    [((0, 0, 640, 480), (224, 168)), ((80.5, 12.25, 560.5, 470.75), (224, 224)), ((100, 100, 140, 130), (224, 168))],
+)
 def test_resize_box_matches_pillow(box, size):
     image = photo()
     expected = np.asarray(image.resize(size, Image.Resampling.BILINEAR, box=box), dtype=np.int16)
@@ -57,7 +60,11 @@ def test_orient_matches_pillow(orientation):
     exif = image.getexif()
     exif[0x0112] = orientation
     upright = np.asarray(imaging.decode_image(encode(image, "PNG", exif=exif), max_pixels=10**7).image)
-    turned = imaging.orient(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    turned = (
+        imaging.orient(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), orientation)
+        .permute(1, 2, 0)
+        .numpy()
+    )
     assert np.array_equal(turned, upright)
 
 

@@ -50,7 +50,9 @@ def reference_dve(features: np.ndarray, p: DVEParams, weights: np.ndarray | None
 
 
 def reference_targeted(dve_maps: np.ndarray, p: DVEParams) -> np.ndarray:
-    return np.stack([reference_psi(reference_band_product(s, p.sigma_low, p.sigma_high), p.psi, p.psi_quantile) for s in dve_maps])
+    return np.stack(
+        [reference_psi(reference_band_product(s, p.sigma_low, p.sigma_high), p.psi, p.psi_quantile) for s in dve_maps]
+    )
 
 
 def random_features(b=3, c=16, h=7, w=7, seed=0) -> torch.Tensor:
@@ -211,7 +213,9 @@ def test_compiled_dve_equals_eager_on_cuda(batch):
         got = compiled(features, params, (224, 224), None)
     assert not compiled.failed
     expected = explain(features, params, (224, 224))
-    assert torch.allclose(got.dve, expected.dve, atol=1e-5) and torch.allclose(got.targeted, expected.targeted, atol=1e-5)
+    assert torch.allclose(got.dve, expected.dve, atol=1e-5) and torch.allclose(
+        got.targeted, expected.targeted, atol=1e-5
+    )
     assert (got.boxes - expected.boxes).abs().max() <= 1 and torch.equal(got.box_valid, expected.box_valid)
 
 
@@ -234,7 +238,11 @@ def test_upsampling_for_the_box_equals_bicubic_interpolation():
     import torch.nn.functional as F
 
     maps = dve.normalize_maps(torch.rand(4, 7, 7, generator=torch.Generator().manual_seed(5)) ** 3)
-    expected = F.interpolate(maps.unsqueeze(1), size=(224, 224), mode="bicubic", align_corners=False).squeeze(1).clamp(0.0, 1.0)
+    expected = (
+        F.interpolate(maps.unsqueeze(1), size=(224, 224), mode="bicubic", align_corners=False)
+        .squeeze(1)
+        .clamp(0.0, 1.0)
+    )
     got = dve.upsample_maps(maps, (224, 224))
     assert (got - expected).abs().max() < 1e-5
     for threshold in (0.2, 0.5):
@@ -306,7 +314,9 @@ def reference_box(m: np.ndarray, threshold: float) -> tuple[list[int], bool]:
     return [int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1], True
 
 
-def reference_explain(features: np.ndarray, p: DVEParams, input_size: tuple[int, int], weights: np.ndarray | None = None):
+def reference_explain(
+    features: np.ndarray, p: DVEParams, input_size: tuple[int, int], weights: np.ndarray | None = None
+):
     """DVE, targeted DVE (of the raw DVE map) and the targeted map's box at the input size."""
     if p.resolution == "input":
         features = np.stack([[reference_bilinear(channel, input_size) for channel in image] for image in features])
@@ -340,7 +350,9 @@ def test_explain_matches_the_slow_reference_end_to_end(case):
     got = dve.explain(features, params, input_size, weights)
     np.testing.assert_allclose(got.dve.numpy(), expected_dve, atol=1e-5)
     np.testing.assert_allclose(got.targeted.numpy(), expected_targeted, atol=1e-5)
-    assert [[box.tolist(), bool(valid)] for box, valid in zip(got.boxes, got.box_valid)] == [[box, valid] for box, valid in expected_boxes]
+    assert [[box.tolist(), bool(valid)] for box, valid in zip(got.boxes, got.box_valid)] == [
+        [box, valid] for box, valid in expected_boxes
+    ]
 
 
 def test_explain_of_an_empty_map_has_no_box():

@@ -127,7 +127,9 @@ def test_a_bug_answers_its_own_request_with_500_and_logs_no_request(lite0_explai
     assert base64.b64encode(photos["rocket"][:60]).decode() not in caplog.text
 
 
-def test_a_failed_forward_pass_fails_its_batch_requests_but_not_the_bad_ones(lite0_explainer, photos, monkeypatch, caplog):
+def test_a_failed_forward_pass_fails_its_batch_requests_but_not_the_bad_ones(
+    lite0_explainer, photos, monkeypatch, caplog
+):
     def out_of_order(pixels):
         raise RuntimeError("the device went away")
 
@@ -139,7 +141,9 @@ def test_a_failed_forward_pass_fails_its_batch_requests_but_not_the_bad_ones(lit
 
 def test_too_large_float_array_is_refused_with_a_hint(lite0_explainer, photos):
     big = Image.open(io.BytesIO(photos["coffee"])).resize((1800, 1200))
-    result = lite0_explainer.run([ParsedRequest(encode_image(big, "JPEG"), RequestOptions(5, ("dve",), "array", None))])[0]
+    result = lite0_explainer.run(
+        [ParsedRequest(encode_image(big, "JPEG"), RequestOptions(5, ("dve",), "array", None))]
+    )[0]
     # 1254 x 836 = 1,048,344 values is the largest map within the 1,048,576 allowed
     assert result.status == 413 and "map_size of at most 1254" in result.body["message"]
 
@@ -169,7 +173,9 @@ def readme_handler_section() -> dict:
 def readme_option_defaults() -> dict[str, str]:
     """The "default" column of README's table of request options, by option name."""
     text = README.read_text(encoding="utf-8")
-    rows = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", text.split("Options, per request:")[1].split("\n\n")[1], re.M)
+    rows = re.findall(
+        r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", text.split("Options, per request:")[1].split("\n\n")[1], re.M
+    )
     return {name: default.strip() for name, default in rows}
 
 
@@ -179,7 +185,9 @@ def test_defaults_match_the_documented_ones():
     from handler.dve import DVEParams
 
     documented = readme_handler_section()
-    assert documented["defaults"] == {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(RequestDefaults()).items()}
+    assert documented["defaults"] == {
+        k: list(v) if isinstance(v, tuple) else v for k, v in asdict(RequestDefaults()).items()
+    }
     assert documented["dve"] == asdict(DVEParams())
     assert documented["limits"] == asdict(Limits())
     table = readme_option_defaults()
@@ -207,15 +215,21 @@ def test_cuda_gives_the_cpu_answer(lite0_explainer, photos):
     for a, b in zip(on_gpu, on_cpu):
         assert [p["index"] for p in a.body["predictions"]] == [p["index"] for p in b.body["predictions"]]
         for name in ("dve", "targeted_dve"):
-            diff = np.abs(np.asarray(png(a.body["explanations"][name]), dtype=int) - np.asarray(png(b.body["explanations"][name]), dtype=int))
+            diff = np.abs(
+                np.asarray(png(a.body["explanations"][name]), dtype=int)
+                - np.asarray(png(b.body["explanations"][name]), dtype=int)
+            )
             assert diff.max() <= 3
         box_a, box_b = a.body["explanations"]["targeted_dve"]["box"], b.body["explanations"]["targeted_dve"]["box"]
         assert np.abs(np.array(box_a) - np.array(box_b)).max() <= 3
 
 
 LITE0_STAGES = [
-    ("_blocks.0", [16, 112, 112]), ("_blocks.2", [24, 56, 56]), ("_blocks.4", [40, 28, 28]),
-    ("_blocks.10", [112, 14, 14]), ("_avg_pooling:input", [1280, 7, 7]),
+    ("_blocks.0", [16, 112, 112]),
+    ("_blocks.2", [24, 56, 56]),
+    ("_blocks.4", [40, 28, 28]),
+    ("_blocks.10", [112, 14, 14]),
+    ("_avg_pooling:input", [1280, 7, 7]),
 ]
 
 
@@ -228,7 +242,9 @@ def test_stages_are_answered_to_the_requests_that_ask_and_the_others_are_unchang
         RequestOptions(3, ("dve",), "overlay", 100),
     ]
     batch = lite0_explainer.run([ParsedRequest(photos[n], o) for n, o in zip(names, asked)])
-    plain = lite0_explainer.run([ParsedRequest(photos[n], RequestOptions(**{**o.__dict__, "stages": False})) for n, o in zip(names, asked)])
+    plain = lite0_explainer.run(
+        [ParsedRequest(photos[n], RequestOptions(**{**o.__dict__, "stages": False})) for n, o in zip(names, asked)]
+    )
     assert [r.status for r in batch] == [200] * 4
     for option, result, without in zip(asked, batch, plain):
         body = dict(result.body)
@@ -261,19 +277,23 @@ def test_requests_without_stages_never_capture_them(lite0_explainer, photos, mon
         raise AssertionError("a batch without a stages request captured the stages")
 
     monkeypatch.setattr(lite0_explainer, "forward_stages", forbidden)
-    results = lite0_explainer.run([ParsedRequest(photos["coffee"], DEFAULT), ParsedRequest(photos["rocket"], RequestOptions(1, (), "png", 64))])
+    results = lite0_explainer.run(
+        [ParsedRequest(photos["coffee"], DEFAULT), ParsedRequest(photos["rocket"], RequestOptions(1, (), "png", 64))]
+    )
     assert [r.status for r in results] == [200, 200] and all("stages" not in r.body for r in results)
 
 
 def test_stages_alone_as_overlays_and_errors_stay_per_request(lite0_explainer, photos):
     stages_only = RequestOptions(1, (), "overlay", 96, stages=True)
     too_many_floats = RequestOptions(5, ("dve",), "array", None, stages=True)  # 600 x 400 x 6 maps > 1,048,576
-    results = lite0_explainer.run([
-        ParsedRequest(photos["coffee"], stages_only),
-        ParsedRequest(b"not an image", stages_only),
-        ParsedRequest(photos["coffee"], too_many_floats),
-        ParsedRequest(photos["chelsea"], DEFAULT),
-    ])
+    results = lite0_explainer.run(
+        [
+            ParsedRequest(photos["coffee"], stages_only),
+            ParsedRequest(b"not an image", stages_only),
+            ParsedRequest(photos["coffee"], too_many_floats),
+            ParsedRequest(photos["chelsea"], DEFAULT),
+        ]
+    )
     assert [r.status for r in results] == [200, 400, 413, 200]
     assert results[0].body["explanations"] == {}
     overlays = [png(stage["dve"]) for stage in results[0].body["stages"]]
@@ -288,7 +308,10 @@ def test_cuda_gives_the_cpu_stages(lite0_explainer, photos):
     import torch
 
     gpu = Explainer(lite0_explainer.model, lite0_explainer.config, lite0_explainer.labels, torch.device("cuda"))
-    requests = [ParsedRequest(photos[name], RequestOptions(1, (), "png", 224, stages=name != "coffee")) for name in ("chelsea", "coffee", "rocket")]
+    requests = [
+        ParsedRequest(photos[name], RequestOptions(1, (), "png", 224, stages=name != "coffee"))
+        for name in ("chelsea", "coffee", "rocket")
+    ]
     try:
         on_gpu = gpu.run(requests)
     finally:
@@ -310,11 +333,17 @@ def test_class_conditional_maps_only_for_the_requests_that_ask(lite0_explainer, 
 
     options = RequestOptions(5, ("dve", "targeted_dve"), "array", 16)
     conditional = RequestOptions(5, ("dve", "targeted_dve"), "array", 16, class_conditional=True)
-    requests = [ParsedRequest(photos["chelsea"], options), ParsedRequest(photos["chelsea"], conditional), ParsedRequest(photos["coffee"], options)]
+    requests = [
+        ParsedRequest(photos["chelsea"], options),
+        ParsedRequest(photos["chelsea"], conditional),
+        ParsedRequest(photos["coffee"], options),
+    ]
     mixed = lite0_explainer.run(requests)
     plain = lite0_explainer.run([requests[0], requests[2]])
     assert [r.status for r in mixed] == [200, 200, 200]
-    assert mixed[0].body == plain[0].body and mixed[2].body == plain[1].body  # the others get the paper's DVE, unchanged
+    assert (
+        mixed[0].body == plain[0].body and mixed[2].body == plain[1].body
+    )  # the others get the paper's DVE, unchanged
     assert "explained_class" not in mixed[0].body
     body = mixed[1].body
     assert body["explained_class"] == body["predictions"][0]
@@ -324,7 +353,9 @@ def test_class_conditional_maps_only_for_the_requests_that_ask(lite0_explainer, 
     weights = lite0_explainer.model._fc.weight.detach()[body["predictions"][0]["index"]][None]
     expected = dve.explain(features, lite0_explainer.config.dve, lite0_explainer.input_size, weights)
     size = prepared.geometry.map_size(16)
-    drawn = rendering.draw([rendering.Drawing(grid, prepared.geometry, size, "array") for grid in (expected.dve[0], expected.targeted[0])])
+    drawn = rendering.draw(
+        [rendering.Drawing(grid, prepared.geometry, size, "array") for grid in (expected.dve[0], expected.targeted[0])]
+    )
     assert body["explanations"]["dve"]["data"] == drawn[0].tolist()
     assert body["explanations"]["targeted_dve"]["data"] == drawn[1].tolist()
     assert body["explanations"]["dve"]["data"] != mixed[0].body["explanations"]["dve"]["data"]
@@ -337,7 +368,9 @@ def test_class_conditional_is_refused_per_request_for_a_model_without_a_linear_h
     from handler.models import build_model, imagenet_labels
 
     torch.manual_seed(0)
-    vgg = Explainer(build_model("vgg16", 1000), ServingConfig(architecture="vgg16"), imagenet_labels(), torch.device("cpu"))
+    vgg = Explainer(
+        build_model("vgg16", 1000), ServingConfig(architecture="vgg16"), imagenet_labels(), torch.device("cpu")
+    )
     asked = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True))
     refused, answered = vgg.run([asked, ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))])
     assert refused.status == 400 and "class_conditional needs a linear classifier" in refused.body["message"]
@@ -358,18 +391,29 @@ def test_target_explains_the_class_asked_for(lite0_explainer, photos):
         maps = [np.array(body["explanations"][name]["data"]) for body in (today, tabby, lynx)]
         assert not np.array_equal(maps[0], maps[1]) and not np.array_equal(maps[1], maps[2]), name
     listed = {p["index"]: p for p in today["predictions"]}
-    assert tabby["explained_class"] == listed[281] == {"index": 281, "label": "tabby", "probability": listed[281]["probability"]}
+    assert (
+        tabby["explained_class"]
+        == listed[281]
+        == {"index": 281, "label": "tabby", "probability": listed[281]["probability"]}
+    )
     assert lynx["explained_class"] == listed[287]
     # A class outside the top k: its own probability, from the same softmax.
     far = ask(lite0_explainer, chelsea, topk=1, explanations=(), class_conditional=True, target=954)
-    assert far["explained_class"]["label"] == "banana" and 0 <= far["explained_class"]["probability"] < listed[287]["probability"]
+    assert (
+        far["explained_class"]["label"] == "banana"
+        and 0 <= far["explained_class"]["probability"] < listed[287]["probability"]
+    )
 
 
 def test_each_request_of_a_batch_explains_its_own_target(lite0_explainer, photos):
     def options(target):
-        return RequestOptions(3, ("dve", "targeted_dve"), "png", 32, class_conditional=target is not None, target=target)
+        return RequestOptions(
+            3, ("dve", "targeted_dve"), "png", 32, class_conditional=target is not None, target=target
+        )
 
-    requests = [ParsedRequest(photos["chelsea"], options(t)) for t in (281, 287, None)] + [ParsedRequest(photos["coffee"], options(968))]
+    requests = [ParsedRequest(photos["chelsea"], options(t)) for t in (281, 287, None)] + [
+        ParsedRequest(photos["coffee"], options(968))
+    ]
     batch = lite0_explainer.run(requests)
     alone = [lite0_explainer.run([request])[0] for request in requests]
     assert [r.body for r in batch] == [r.body for r in alone]
@@ -383,11 +427,16 @@ def test_target_is_refused_per_request_for_a_model_without_a_linear_head(photos)
     from handler.models import build_model, imagenet_labels
 
     torch.manual_seed(0)
-    vgg = Explainer(build_model("vgg16", 1000), ServingConfig(architecture="vgg16"), imagenet_labels(), torch.device("cpu"))
+    vgg = Explainer(
+        build_model("vgg16", 1000), ServingConfig(architecture="vgg16"), imagenet_labels(), torch.device("cpu")
+    )
     asked = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True, target=967))
     refused, answered = vgg.run([asked, ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))])
     assert refused.status == 400
-    assert refused.body["message"] == "target needs a linear classifier reading the 512 channels of the explained layer features.30; this model has none"
+    assert (
+        refused.body["message"]
+        == "target needs a linear classifier reading the 512 channels of the explained layer features.30; this model has none"
+    )
     assert answered.status == 200
 
 
@@ -409,7 +458,9 @@ def test_running_out_of_memory_is_a_503_for_that_request_only(lite0_explainer, p
 
     monkeypatch.setattr(imaging, "decode", decode_short_of_memory)
     monkeypatch.setattr(rendering, "encode_png", encode_short_of_memory)
-    results = lite0_explainer.run([ParsedRequest(photos[name], DEFAULT) for name in ("chelsea", "rocket", "coffee", "astronaut")])
+    results = lite0_explainer.run(
+        [ParsedRequest(photos[name], DEFAULT) for name in ("chelsea", "rocket", "coffee", "astronaut")]
+    )
     assert [r.status for r in results] == [200, 503, 200, 503]
     assert results[1].body["type"] == "ServiceUnavailable" and "out of memory" in results[1].body["message"]
     assert "out of memory while decoding an image" in caplog.text and "out of memory while drawing" in caplog.text

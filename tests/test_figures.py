@@ -55,7 +55,13 @@ def test_default_photos_hold_right_and_wrong_answers(lite0_explainer):
     pixels = torch.stack([saliency.model_crop(lite0_explainer, photos[name]) for name in figures.DEFAULT_IMAGES])
     classes = saliency.forward_batch(lite0_explainer, pixels).classes.tolist()
     verdicts = {name: figures.judge(c, TRUTH[name]) for name, c in zip(figures.DEFAULT_IMAGES, classes)}
-    assert verdicts == {"chelsea": "right", "coffee": "right", "rocket": "right", "astronaut": "wrong", "motorcycle_left": "wrong"}
+    assert verdicts == {
+        "chelsea": "right",
+        "coffee": "right",
+        "rocket": "right",
+        "astronaut": "wrong",
+        "motorcycle_left": "wrong",
+    }
 
 
 def _served(explainer, image_bytes: bytes) -> tuple[dict, object]:
@@ -85,7 +91,9 @@ def test_grid_row_maps_and_box_match_the_slow_reference(lite0_explainer):
     photo = load_photos(["chelsea"])["chelsea"]
     (row,) = figures.grid_rows(lite0_explainer, [("chelsea", imaging.encode_png(photo))], TRUTH)
     config = lite0_explainer.config
-    x = (row.pixels.permute(2, 0, 1).double() / 255 - torch.tensor(config.mean)[:, None, None]) / torch.tensor(config.std)[:, None, None]
+    x = (row.pixels.permute(2, 0, 1).double() / 255 - torch.tensor(config.mean)[:, None, None]) / torch.tensor(
+        config.std
+    )[:, None, None]
     captured = []
     hook = lite0_explainer.model._avg_pooling.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
     try:
@@ -115,17 +123,25 @@ def test_blur_is_torchvisions_two_dimensional_gaussian_blur():
 
     pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (64, 48, 3), dtype=np.uint8))
     for sigma, kernel in ((1.5, 11), (30.0, 95)):  # 95: capped at 2 x 48 - 1
-        direct = gaussian_blur(pixels.permute(2, 0, 1).float(), [kernel, kernel], [sigma, sigma]).round().permute(1, 2, 0)
+        direct = (
+            gaussian_blur(pixels.permute(2, 0, 1).float(), [kernel, kernel], [sigma, sigma]).round().permute(1, 2, 0)
+        )
         assert (figures.blur(pixels, sigma).float() - direct).abs().max() <= 1
 
 
 def test_blur_sweep_starts_at_the_handler_answer_and_loses_the_cat(lite0_explainer):
     data = imaging.encode_png(load_photos(["chelsea"])["chelsea"])
-    original, steps = figures.blur_sweep(lite0_explainer, saliency.model_crop(lite0_explainer, data), [0, 16], TRUTH["chelsea"])
+    original, steps = figures.blur_sweep(
+        lite0_explainer, saliency.model_crop(lite0_explainer, data), [0, 16], TRUTH["chelsea"]
+    )
     body, _ = _served(lite0_explainer, data)
     unblurred, blurred = steps
     assert original == unblurred.top == body["predictions"][0]["index"]
-    assert unblurred.probability == unblurred.original_probability == pytest.approx(body["predictions"][0]["probability"], abs=1e-5)
+    assert (
+        unblurred.probability
+        == unblurred.original_probability
+        == pytest.approx(body["predictions"][0]["probability"], abs=1e-5)
+    )
     assert unblurred.verdict == figures.RIGHT
     assert blurred.original_probability < unblurred.original_probability / 10
     assert blurred.top != original and blurred.verdict == figures.WRONG
@@ -157,7 +173,23 @@ def test_grid_png_has_its_size_and_the_crop_in_place(lite0_explainer, tmp_path):
 
 def test_blur_command_prints_the_table_and_writes_the_png(tmp_path, capsys):
     out = tmp_path / "blur.png"
-    assert cli("scripts/figures.py", "blur", "--image", "chelsea", "--sigmas", "0", "2", "16", "--out", out, "--device", "cpu") == 0
+    assert (
+        cli(
+            "scripts/figures.py",
+            "blur",
+            "--image",
+            "chelsea",
+            "--sigmas",
+            "0",
+            "2",
+            "16",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     width, height = figures.blur_size(3)
     assert _png_size(out) == (round(width * figures.DPI), round(height * figures.DPI))
     printed = capsys.readouterr().out
@@ -171,7 +203,21 @@ def test_grid_command_judges_a_users_photo_only_with_truth(tmp_path, capsys):
     (tmp_path / "judged_cup.jpg").write_bytes(data)
     out = tmp_path / "grid.png"
     images = [str(tmp_path / "my_cup.jpg"), str(tmp_path / "judged_cup.jpg")]
-    assert cli("scripts/figures.py", "grid", "--images", *images, "--truth", "judged_cup=coffee mug", "--out", out, "--device", "cpu") == 0
+    assert (
+        cli(
+            "scripts/figures.py",
+            "grid",
+            "--images",
+            *images,
+            "--truth",
+            "judged_cup=coffee mug",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert re.search(r"^my_cup\s+espresso \(967\).*truth unknown", printed, re.M)
     assert re.search(r"^judged_cup\s+espresso \(967\).*wrong", printed, re.M)

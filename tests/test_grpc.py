@@ -44,7 +44,10 @@ def stubs(tmp_path_factory):
     sys.modules["google.rpc"] = rpc
     try:
         rpc.status_pb2 = _load("google.rpc.status_pb2", out / "google" / "rpc" / "status_pb2.py")
-        yield _load("inference_pb2", out / "inference_pb2.py"), _load("inference_pb2_grpc", out / "inference_pb2_grpc.py")
+        yield (
+            _load("inference_pb2", out / "inference_pb2.py"),
+            _load("inference_pb2_grpc", out / "inference_pb2_grpc.py"),
+        )
     finally:
         for name in names:
             sys.modules.pop(name, None)
@@ -82,8 +85,12 @@ def test_grpc_prediction_is_the_rest_json(stubs, channel, server, photos):
 
 def test_grpc_options_are_the_rest_options(stubs, channel, server, photos):
     options = {"topk": "2", "explanations": "targeted_dve", "format": "array", "map_size": "32"}
-    response = predict(stubs, channel, server, {"image": photos["coffee"], **{k: v.encode() for k, v in options.items()}})
-    rest = post(server, "efficientnet_lite0", files={"image": ("coffee.jpg", photos["coffee"], "image/jpeg")}, data=options)
+    response = predict(
+        stubs, channel, server, {"image": photos["coffee"], **{k: v.encode() for k, v in options.items()}}
+    )
+    rest = post(
+        server, "efficientnet_lite0", files={"image": ("coffee.jpg", photos["coffee"], "image/jpeg")}, data=options
+    )
     body = json.loads(response.prediction)
     assert body == rest.json()
     assert len(body["predictions"]) == 2 and set(body["explanations"]) == {"targeted_dve"}

@@ -24,15 +24,17 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 from ts.protocol.otf_message_handler import _retrieve_request
 from ts.service import Service
 
-from handler.dve_handler import DVEHandler
 from evaluation.photos import encode_image as encode
+from handler.dve_handler import DVEHandler
 
 
 def _frame(data: bytes) -> bytes:
     return struct.pack("!i", len(data)) + data
 
 
-def encode_request(request_id: str, parameters: list[tuple[str, str, bytes]], headers: dict[str, str] | None = None) -> bytes:
+def encode_request(
+    request_id: str, parameters: list[tuple[str, str, bytes]], headers: dict[str, str] | None = None
+) -> bytes:
     """One request as the Java frontend writes it to the worker's socket."""
     message = _frame(request_id.encode())
     for name, value in (headers or {}).items():
@@ -109,13 +111,28 @@ def test_each_request_of_a_batch_gets_its_own_status_and_options(service, photos
 
     batch = [
         encode_request("raw", [("body", "image/jpeg", photos["chelsea"])]),
-        encode_request("json", [("body", "application/json", json.dumps({"image": b64("coffee"), "topk": 1, "explanations": []}).encode())]),
+        encode_request(
+            "json",
+            [
+                (
+                    "body",
+                    "application/json",
+                    json.dumps({"image": b64("coffee"), "topk": 1, "explanations": []}).encode(),
+                )
+            ],
+        ),
         encode_request("zeros", [("body", "image/jpeg", b"\x00" * 100)]),
         encode_request("broken-json", [("body", "application/json", b'{"image": "xx", "topk": 3')]),
-        encode_request("bad-format", [("body", "application/json", json.dumps({"image": b64("rocket"), "format": "gif"}).encode())]),
+        encode_request(
+            "bad-format", [("body", "application/json", json.dumps({"image": b64("rocket"), "format": "gif"}).encode())]
+        ),
         encode_request(
             "multipart",
-            [("image", "application/octet-stream", photos["coffee"]), ("topk", "text/plain", b"2"), ("explanations", "text/plain", b"targeted_dve")],
+            [
+                ("image", "application/octet-stream", photos["coffee"]),
+                ("topk", "text/plain", b"2"),
+                ("explanations", "text/plain", b"targeted_dve"),
+            ],
         ),
     ]
     batch_status, results = predict(service, batch)
@@ -148,7 +165,12 @@ def _seed_images() -> list[bytes]:
     x = np.linspace(0, 255, 48, dtype=np.uint8)
     picture = np.stack([np.tile(x, (32, 1)), np.tile(x[:32, None], (1, 48)), np.full((32, 48), 90, np.uint8)], axis=2)
     image = Image.fromarray(picture)
-    return [encode(picture, quality=80), encode(image, "PNG"), encode(image.convert("P"), "GIF"), encode(image.convert("LA"), "PNG")]
+    return [
+        encode(picture, quality=80),
+        encode(image, "PNG"),
+        encode(image.convert("P"), "GIF"),
+        encode(image.convert("LA"), "PNG"),
+    ]
 
 
 SEED_IMAGES = _seed_images()
@@ -171,24 +193,54 @@ def mutated_images(draw) -> bytes:
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
 OPTION_VALUES = JSON_VALUES | st.sampled_from(
-    [1, 3, "2", "dve", "targeted_dve", "dve,targeted_dve", ["dve"], [], "none", "png", "overlay", "array", 8, 64, "64", "original", True, "true", "false"]
+    [
+        1,
+        3,
+        "2",
+        "dve",
+        "targeted_dve",
+        "dve,targeted_dve",
+        ["dve"],
+        [],
+        "none",
+        "png",
+        "overlay",
+        "array",
+        8,
+        64,
+        "64",
+        "original",
+        True,
+        "true",
+        "false",
+    ]
 )
 VALID_OPTIONS = st.fixed_dictionaries(
     {},
     optional={
         "topk": st.integers(1, 1000) | st.integers(1, 1000).map(str),
-        "explanations": st.sampled_from([[], ["dve"], ["targeted_dve"], ["dve", "targeted_dve"], "dve", "targeted_dve,dve"]),
+        "explanations": st.sampled_from(
+            [[], ["dve"], ["targeted_dve"], ["dve", "targeted_dve"], "dve", "targeted_dve,dve"]
+        ),
         "format": st.sampled_from(["png", "overlay", "array"]),
         "map_size": st.sampled_from([8, 64, "96", "original"]),
         "stages": st.sampled_from([False, True, "true"]),
     },
 )
-ANY_OPTIONS = st.dictionaries(st.sampled_from(["topk", "explanations", "format", "map_size", "stages", "image", "colour", ""]), OPTION_VALUES, max_size=4)
+ANY_OPTIONS = st.dictionaries(
+    st.sampled_from(["topk", "explanations", "format", "map_size", "stages", "image", "colour", ""]),
+    OPTION_VALUES,
+    max_size=4,
+)
 OPTIONS = VALID_OPTIONS | ANY_OPTIONS
 
 
@@ -198,16 +250,27 @@ def requests_on_the_wire(draw) -> bytes:
     image, options = draw(mutated_images()), draw(OPTIONS)
     shape = draw(st.sampled_from(["raw", "json", "multipart"]))
     if shape == "raw":
-        content_type = draw(st.sampled_from(["image/jpeg", "application/octet-stream", "text/plain", "application/json"]))
+        content_type = draw(
+            st.sampled_from(["image/jpeg", "application/octet-stream", "text/plain", "application/json"])
+        )
         return encode_request("raw", [("body", content_type, image)])
     if shape == "json":
         body = {"image": base64.b64encode(image).decode(), **options}
         return encode_request("json", [("body", "application/json", json.dumps(body).encode())])
-    fields = [(name, "text/plain", (value if isinstance(value, str) else json.dumps(value)).encode()) for name, value in options.items() if name != "image"]
+    fields = [
+        (name, "text/plain", (value if isinstance(value, str) else json.dumps(value)).encode())
+        for name, value in options.items()
+        if name != "image"
+    ]
     return encode_request("multipart", [("image", "application/octet-stream", image), *fields])
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(batch=st.lists(requests_on_the_wire(), min_size=1, max_size=3))
 def test_any_input_gets_one_answer_per_request_and_never_fails_the_batch(service, batch):
     batch_status, results = predict(service, batch)
@@ -231,7 +294,10 @@ def test_a_bug_while_parsing_fails_its_own_request_only(service, photos, monkeyp
         return parse(request, **kwargs)
 
     monkeypatch.setattr(dve_handler, "parse_request", buggy)
-    batch = [encode_request("bug", [("body", "image/jpeg", b"boom")]), encode_request("ok", [("body", "image/jpeg", photos["coffee"])])]
+    batch = [
+        encode_request("bug", [("body", "image/jpeg", b"boom")]),
+        encode_request("ok", [("body", "image/jpeg", photos["coffee"])]),
+    ]
     batch_status, results = predict(service, batch)
     assert batch_status == 200
     assert [(status, body.get("code")) for status, _, body in results] == [(500, 500), (200, None)]
@@ -290,17 +356,31 @@ def small_limits(service):
     explainer.config = config
 
 
-@settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(batch=st.lists(st.tuples(st.sampled_from(sorted(LARGE_IMAGES)), LIMIT_OPTIONS), min_size=1, max_size=3))
 def test_requests_at_the_limits_stay_within_the_budget(service, small_limits, batch):
     wire = [
-        encode_request(str(i), [("body", "application/json", json.dumps({"image": base64.b64encode(LARGE_IMAGES[name]).decode(), **options}).encode())])
+        encode_request(
+            str(i),
+            [
+                (
+                    "body",
+                    "application/json",
+                    json.dumps({"image": base64.b64encode(LARGE_IMAGES[name]).decode(), **options}).encode(),
+                )
+            ],
+        )
         for i, (name, options) in enumerate(batch)
     ]
     message = service.predict([_retrieve_request(_Socket(request)) for request in wire])
     batch_status, results = decode_response(message)
     assert batch_status == 200 and len(results) == len(batch)
-    for (name, options), (status, _, body) in zip(batch, results):
+    for (_name, options), (status, _, body) in zip(batch, results):
         event(f"status {status}")
         assert status in (200, 400, 413), body
         if status != 200:

@@ -14,9 +14,9 @@ import pytest
 import requests
 from PIL import Image
 
-from evaluation.photos import CAT_CLASSES, encode_image as encode
+from evaluation.photos import CAT_CLASSES
+from evaluation.photos import encode_image as encode
 from tests.conftest import INTEGRATION_PORT_BASE, SCENE_SIDE, centred_gaussian, hottest_in
-
 
 
 def post(server, model, *, endpoint="predictions", token=None, **kwargs) -> requests.Response:
@@ -35,7 +35,11 @@ def png(entry: dict) -> Image.Image:
 
 
 def worker_pids(server, model) -> list[int]:
-    response = requests.get(f"{server.management_url}/models/{model}", headers={"Authorization": f"Bearer {server.token('management')}"}, timeout=10)
+    response = requests.get(
+        f"{server.management_url}/models/{model}",
+        headers={"Authorization": f"Bearer {server.token('management')}"},
+        timeout=10,
+    )
     response.raise_for_status()
     return sorted(w["pid"] for w in response.json()[0]["workers"] if w["status"] == "READY")
 
@@ -46,7 +50,11 @@ BATCH_SIZE_SAMPLE = re.compile(r"^DVEBatchSize_(count|sum)\{([^}]*)\} (\S+)$", r
 def batch_totals(server, model) -> tuple[float, float]:
     """(batches, requests) the model's handler has run so far: DVEBatchSize's _count and _sum at the metrics port."""
     text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
-    values = {kind: float(value) for kind, labels, value in BATCH_SIZE_SAMPLE.findall(text) if f'ModelName="{model}"' in labels}
+    values = {
+        kind: float(value)
+        for kind, labels, value in BATCH_SIZE_SAMPLE.findall(text)
+        if f'ModelName="{model}"' in labels
+    }
     return values.get("count", 0.0), values.get("sum", 0.0)
 
 
@@ -89,7 +97,16 @@ def test_explanations_endpoint_returns_the_prediction_too(server, photos):
 def test_dve_is_hottest_on_off_centre_objects(server, off_centre_objects):
     """Objects in a corner (tests/conftest.py): DVE points at them, a centred Gaussian would not."""
     for name, image, box in off_centre_objects:
-        body = post(server, "efficientnet_lite0", json={"image": base64.b64encode(image).decode(), "map_size": "original", "format": "array", "explanations": ["dve"]}).json()
+        body = post(
+            server,
+            "efficientnet_lite0",
+            json={
+                "image": base64.b64encode(image).decode(),
+                "map_size": "original",
+                "format": "array",
+                "explanations": ["dve"],
+            },
+        ).json()
         dve_map = np.array(body["explanations"]["dve"]["data"])
         assert dve_map.shape == (body["image"]["height"], body["image"]["width"]) == (SCENE_SIDE, SCENE_SIDE)
         assert not hottest_in(centred_gaussian(*dve_map.shape), box), name
@@ -98,14 +115,22 @@ def test_dve_is_hottest_on_off_centre_objects(server, off_centre_objects):
 
 def test_options_by_json_and_by_multipart(server, photos):
     body = post(
-        server, "efficientnet_lite0",
-        json={"image": base64.b64encode(photos["rocket"]).decode(), "topk": 2, "explanations": ["targeted_dve"], "format": "overlay", "map_size": 100},
+        server,
+        "efficientnet_lite0",
+        json={
+            "image": base64.b64encode(photos["rocket"]).decode(),
+            "topk": 2,
+            "explanations": ["targeted_dve"],
+            "format": "overlay",
+            "map_size": 100,
+        },
     ).json()
     assert len(body["predictions"]) == 2 and set(body["explanations"]) == {"targeted_dve"}
     overlay = png(body["explanations"]["targeted_dve"])
     assert overlay.mode == "RGB" and overlay.size == (100, 67)
     form = post(
-        server, "efficientnet_lite0",
+        server,
+        "efficientnet_lite0",
         files={"image": ("rocket.png", encode(Image.open(io.BytesIO(photos["rocket"])), "PNG"), "image/png")},
         data={"topk": "3", "explanations": "dve", "format": "array", "map_size": "40"},
     )
@@ -123,7 +148,9 @@ def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(s
         lambda: post_image(server, "efficientnet_lite0", photos["coffee"][:3000]),
         lambda: post_image(server, "efficientnet_lite0", b"GIF89a not really"),
         lambda: post(server, "efficientnet_lite0", json={"image": "!!!"}),
-        lambda: post(server, "efficientnet_lite0", json={"image": base64.b64encode(photos["coffee"]).decode(), "topk": "many"}),
+        lambda: post(
+            server, "efficientnet_lite0", json={"image": base64.b64encode(photos["coffee"]).decode(), "topk": "many"}
+        ),
         lambda: post(server, "efficientnet_lite0", json={"topk": 3}),
     ]
     calls = [good, *bad, good, good]
@@ -141,7 +168,9 @@ def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(s
     for response in (responses[0], *responses[-2:]):
         body = response.json()
         assert [p["index"] for p in body["predictions"]] == [p["index"] for p in alone["predictions"]]
-        assert [p["probability"] for p in body["predictions"]] == pytest.approx([p["probability"] for p in alone["predictions"]], abs=1e-4)
+        assert [p["probability"] for p in body["predictions"]] == pytest.approx(
+            [p["probability"] for p in alone["predictions"]], abs=1e-4
+        )
         assert body["explanations"].keys() == alone["explanations"].keys() and body["image"] == alone["image"]
 
 
@@ -174,7 +203,10 @@ def test_a_model_that_cannot_load_fails_fast_with_its_error(model_store, tmp_pat
 
     store = tmp_path / "store"
     store.mkdir()
-    with zipfile.ZipFile(model_store / "brightness.mar") as source, zipfile.ZipFile(store / "broken.mar", "w") as target:
+    with (
+        zipfile.ZipFile(model_store / "brightness.mar") as source,
+        zipfile.ZipFile(store / "broken.mar", "w") as target,
+    ):
         for item in source.infolist():
             data = source.read(item)
             if item.filename == "model-config.yaml":
@@ -183,14 +215,19 @@ def test_a_model_that_cannot_load_fails_fast_with_its_error(model_store, tmp_pat
     run_dir = tmp_path / "run"
     started = time.monotonic()
     with pytest.raises(ts_server.ServerError, match=r"broken failed to load: ValueError: unknown key\(s\) \['sigma'\]"):
-        ts_server.start(["broken"], run_dir=run_dir, model_store=store, port_base=INTEGRATION_PORT_BASE + 10, timeout=120)
+        ts_server.start(
+            ["broken"], run_dir=run_dir, model_store=store, port_base=INTEGRATION_PORT_BASE + 10, timeout=120
+        )
     assert time.monotonic() - started < 60
     assert not ts_server.stop(run_dir)  # already stopped
 
 
 VGG16_POOLS = [
-    ("features.4", [64, 112, 112]), ("features.9", [128, 56, 56]), ("features.16", [256, 28, 28]),
-    ("features.23", [512, 14, 14]), ("features.30", [512, 7, 7]),
+    ("features.4", [64, 112, 112]),
+    ("features.9", [128, 56, 56]),
+    ("features.16", [256, 28, 28]),
+    ("features.23", [512, 14, 14]),
+    ("features.30", [512, 7, 7]),
 ]
 
 
@@ -199,11 +236,15 @@ def test_stages_on_request_and_only_for_the_requests_that_ask(server, photos):
     vgg = post(server, "vgg16", json={"image": coffee, "stages": True, "explanations": []})
     assert vgg.status_code == 200, vgg.text
     body = vgg.json()
-    assert body["explanations"] == {} and [(s["layer"], s["shape"]) for s in body["stages"]] == VGG16_POOLS  # pool1..pool5
+    assert (
+        body["explanations"] == {} and [(s["layer"], s["shape"]) for s in body["stages"]] == VGG16_POOLS
+    )  # pool1..pool5
     assert all(png(s["dve"]).size == (224, 149) for s in body["stages"])
     # In one batch (the test archives wait 200 ms for one): multipart asking for stages, a raw photo not asking.
     staged = lambda: post(  # noqa: E731
-        server, "efficientnet_lite0", files={"image": ("chelsea.jpg", photos["chelsea"], "image/jpeg")},
+        server,
+        "efficientnet_lite0",
+        files={"image": ("chelsea.jpg", photos["chelsea"], "image/jpeg")},
         data={"stages": "true", "format": "array", "map_size": "16", "explanations": "none"},
     )
     plain = lambda: post_image(server, "efficientnet_lite0", photos["chelsea"])  # noqa: E731
@@ -229,7 +270,9 @@ def test_class_conditional_on_request(server, photos):
     body = answer.json()
     assert body["explained_class"] == body["predictions"][0]
     assert png(body["explanations"]["dve"]).size == (224, 149)
-    refused = post(server, "vgg16", json={"image": chelsea, "class_conditional": True})  # its classifier reads 25,088 features
+    refused = post(
+        server, "vgg16", json={"image": chelsea, "class_conditional": True}
+    )  # its classifier reads 25,088 features
     assert refused.status_code == 400 and "class_conditional needs a linear classifier" in refused.json()["message"]
 
 
@@ -246,11 +289,19 @@ def test_target_on_request_by_index_and_by_label(server, photos):
         assert png(tabby["explanations"][name]).size == png(lynx["explanations"][name]).size == (224, 149)
         assert tabby["explanations"][name]["data"] != lynx["explanations"][name]["data"]
     # The same class by index, as multipart text, and by label in another case: the same answer.
-    by_index = post(server, "efficientnet_lite0", files={"image": ("chelsea.jpg", photos["chelsea"], "image/jpeg")}, data={"target": "287"})
+    by_index = post(
+        server,
+        "efficientnet_lite0",
+        files={"image": ("chelsea.jpg", photos["chelsea"], "image/jpeg")},
+        data={"target": "287"},
+    )
     by_label = post(server, "efficientnet_lite0", json={"image": chelsea, "target": "Lynx"})
     assert by_index.json() == by_label.json() == lynx
     unknown = post(server, "efficientnet_lite0", json={"image": chelsea, "target": "snow leopard cub"})
     assert unknown.status_code == 400
-    assert unknown.json()["message"] == "'target' 'snow leopard cub' is neither a class index nor one of the model's labels"
+    assert (
+        unknown.json()["message"]
+        == "'target' 'snow leopard cub' is neither a class index nor one of the model's labels"
+    )
     refused = post(server, "vgg16", json={"image": chelsea, "target": 281})
     assert refused.status_code == 400 and refused.json()["message"].startswith("target needs a linear classifier")

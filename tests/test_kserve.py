@@ -43,7 +43,11 @@ def kserve(model_store, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("kserve_run")
     try:
         yield ts_server.start(
-            [MODEL], run_dir=run_dir, model_store=store, port_base=INTEGRATION_PORT_BASE + 20, properties={"service_envelope": "kservev2"}
+            [MODEL],
+            run_dir=run_dir,
+            model_store=store,
+            port_base=INTEGRATION_PORT_BASE + 20,
+            properties={"service_envelope": "kservev2"},
         )
     finally:
         ts_server.stop(run_dir)
@@ -51,7 +55,10 @@ def kserve(model_store, tmp_path_factory):
 
 def infer(server, body: dict) -> requests.Response:
     return requests.post(
-        f"{server.inference_url}/v2/models/{MODEL}/infer", json=body, headers={"Authorization": f"Bearer {server.token()}"}, timeout=120
+        f"{server.inference_url}/v2/models/{MODEL}/infer",
+        json=body,
+        headers={"Authorization": f"Bearer {server.token()}"},
+        timeout=120,
     )
 
 
@@ -83,7 +90,9 @@ def test_each_input_tensor_is_answered_and_a_bad_one_sets_the_status(kserve, pho
     response = infer(kserve, {"inputs": inputs})
     assert response.status_code == 400
     outputs = {output["name"]: json.loads(output["data"][0]) for output in response.json()["outputs"]}
-    assert [p["label"] for p in outputs["coffee"]["predictions"]] == ["espresso"] and outputs["coffee"]["explanations"] == {}
+    assert [p["label"] for p in outputs["coffee"]["predictions"]] == ["espresso"] and outputs["coffee"][
+        "explanations"
+    ] == {}
     assert outputs["bad"] == {"code": 400, "type": "BadRequest", "message": "'image' is not valid base64"}
     assert outputs["floats"]["code"] == 400 and "datatype 'FP32'" in outputs["floats"]["message"]
     assert worker_pids(kserve, MODEL) == pids
@@ -114,7 +123,9 @@ def test_the_inferenceservice_manifest_is_well_formed():
     model = predictor["model"]
     assert model["modelFormat"]["name"] == "pytorch" and model["protocolVersion"] == "v2"
     assert model["storageUri"].startswith(("pvc://", "s3://", "gs://"))
-    assert {"cpu", "memory"} <= set(model["resources"]["requests"]) and {"cpu", "memory"} <= set(model["resources"]["limits"])
+    assert {"cpu", "memory"} <= set(model["resources"]["requests"]) and {"cpu", "memory"} <= set(
+        model["resources"]["limits"]
+    )
     assert predictor["minReplicas"] >= 1 and predictor["maxReplicas"] >= predictor["minReplicas"]
 
 

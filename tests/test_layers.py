@@ -7,7 +7,16 @@ import torch
 import torchvision
 from torch import nn
 
-from handler.layers import FeatureCapture, FeatureLayer, Stage, StageCapture, find_classifier, find_feature_layer, find_stages, resolve_feature_layer
+from handler.layers import (
+    FeatureCapture,
+    FeatureLayer,
+    Stage,
+    StageCapture,
+    find_classifier,
+    find_feature_layer,
+    find_stages,
+    resolve_feature_layer,
+)
 from handler.models import build_model
 
 EXAMPLE = torch.zeros(1, 3, 224, 224)
@@ -78,18 +87,33 @@ def test_a_model_without_spatial_maps_is_refused():
     [
         (  # the paper's pool1..pool5
             "vgg16",
-            [("features.4", (64, 112, 112)), ("features.9", (128, 56, 56)), ("features.16", (256, 28, 28)),
-             ("features.23", (512, 14, 14)), ("features.30", (512, 7, 7))],
+            [
+                ("features.4", (64, 112, 112)),
+                ("features.9", (128, 56, 56)),
+                ("features.16", (256, 28, 28)),
+                ("features.23", (512, 14, 14)),
+                ("features.30", (512, 7, 7)),
+            ],
         ),
         (  # strided convolutions: the end of each resolution
             "resnet18",
-            [("relu", (64, 112, 112)), ("layer1", (64, 56, 56)), ("layer2", (128, 28, 28)),
-             ("layer3", (256, 14, 14)), ("avgpool:input", (512, 7, 7))],
+            [
+                ("relu", (64, 112, 112)),
+                ("layer1", (64, 56, 56)),
+                ("layer2", (128, 28, 28)),
+                ("layer3", (256, 14, 14)),
+                ("avgpool:input", (512, 7, 7)),
+            ],
         ),
         (  # inverted residuals: the expansion at the old size belongs to the step down
             "efficientnet_lite0",
-            [("_blocks.0", (16, 112, 112)), ("_blocks.2", (24, 56, 56)), ("_blocks.4", (40, 28, 28)),
-             ("_blocks.10", (112, 14, 14)), ("_avg_pooling:input", (1280, 7, 7))],
+            [
+                ("_blocks.0", (16, 112, 112)),
+                ("_blocks.2", (24, 56, 56)),
+                ("_blocks.4", (40, 28, 28)),
+                ("_blocks.10", (112, 14, 14)),
+                ("_avg_pooling:input", (1280, 7, 7)),
+            ],
         ),
     ],
 )
@@ -120,7 +144,12 @@ class SharedPoolNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv1, self.pool, self.conv2, self.conv3 = nn.Conv2d(3, 6, 5), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.Conv2d(16, 8, 3)
+        self.conv1, self.pool, self.conv2, self.conv3 = (
+            nn.Conv2d(3, 6, 5),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5),
+            nn.Conv2d(16, 8, 3),
+        )
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):
@@ -134,7 +163,11 @@ def test_a_module_that_runs_twice_is_captured_at_the_right_call():
     model = SharedPoolNet().eval()
     x = torch.randn(2, 3, 64, 64)
     stages = find_stages(model, x[:1])
-    assert [(str(s), s.shape, s.call) for s in stages] == [("pool#1", (6, 30, 30), 0), ("pool", (16, 13, 13), None), ("conv3", (8, 11, 11), None)]
+    assert [(str(s), s.shape, s.call) for s in stages] == [
+        ("pool#1", (6, 30, 30), 0),
+        ("pool", (16, 13, 13), None),
+        ("conv3", (8, 11, 11), None),
+    ]
     with torch.inference_mode(), StageCapture(model, stages) as capture:
         model(x)
         first_pool = model.pool(torch.relu(model.conv1(x)))
@@ -147,8 +180,12 @@ def test_a_resolution_seen_only_inside_a_step_down_still_has_its_stage():
     """Sequential(conv, relu, pool, conv, relu): the full-resolution maps live inside the
     one container that shrinks the map, and are still the end of their resolution."""
     model = nn.Sequential(
-        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        ),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
     ).eval()
     stages = find_stages(model, torch.zeros(1, 3, 32, 32))
     assert [(str(s), s.shape) for s in stages] == [("0.1", (4, 32, 32)), ("1:input", (4, 16, 16))]

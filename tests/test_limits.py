@@ -17,9 +17,9 @@ import zlib
 import numpy as np
 import pytest
 
+from evaluation.photos import encode_image as encode
 from handler.config import Limits
 from serving.server import DEFAULT_CONFIG, ROOT, read_properties
-from evaluation.photos import encode_image as encode
 from tests.test_integration import post
 
 MAX_IMAGE_BYTES = Limits().max_image_bytes  # 20 MiB
@@ -65,7 +65,9 @@ def too_large_png() -> bytes:
 
 
 def nginx_body_limit() -> int:
-    size = re.search(r"^\s*client_max_body_size\s+(\d+)([kKmM]?);", (ROOT / "deploy" / "nginx" / "dve.conf").read_text(), re.M)
+    size = re.search(
+        r"^\s*client_max_body_size\s+(\d+)([kKmM]?);", (ROOT / "deploy" / "nginx" / "dve.conf").read_text(), re.M
+    )
     return int(size.group(1)) * {"": 1, "k": 2**10, "m": 2**20}[size.group(2).lower()]
 
 
@@ -80,8 +82,9 @@ def test_every_body_limit_lets_base64_json_of_the_largest_image_through():
 
 
 def test_the_noise_pngs_are_real_images(largest_png, too_large_png):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     for data in (largest_png, too_large_png):
         image = Image.open(io.BytesIO(data))
@@ -102,12 +105,16 @@ def test_one_byte_more_gets_the_handlers_413_not_the_frontends(server, too_large
     assert as_json.status_code == 413 and as_json.json()["message"] == expected, as_json.text[:300]
     raw = post(server, "efficientnet_lite0", data=too_large_png, headers={"Content-Type": "image/png"})
     assert raw.status_code == 413 and raw.json()["message"] == expected, raw.text[:300]
-    form = post(server, "efficientnet_lite0", files={"image": ("big.png", too_large_png, "image/png")}, data={"topk": "1"})
+    form = post(
+        server, "efficientnet_lite0", files={"image": ("big.png", too_large_png, "image/png")}, data={"topk": "1"}
+    )
     assert form.status_code == 413 and form.json()["message"] == expected, form.text[:300]
 
 
 def test_a_body_over_max_request_size_gets_the_frontends_413_with_no_body(server):
     """What the handler's 413 is not: TorchServe's own answer, before any handler runs."""
     limit = int(read_properties(DEFAULT_CONFIG)["max_request_size"])
-    response = post(server, "efficientnet_lite0", data=b"\0" * (limit + 1), headers={"Content-Type": "application/octet-stream"})
+    response = post(
+        server, "efficientnet_lite0", data=b"\0" * (limit + 1), headers={"Content-Type": "application/octet-stream"}
+    )
     assert response.status_code == 413 and response.content == b""

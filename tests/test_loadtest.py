@@ -15,7 +15,11 @@ PHOTO = load_mix()[0]  # chelsea.jpg, 451 x 300
 
 def answer(**overrides) -> dict:
     entry = {"format": "array", "width": 32, "height": 21, "data": [[0.0] * 32] * 21}
-    body = {"predictions": [{"index": 1, "label": "x", "probability": 0.5}], "image": {"width": 451, "height": 300}, "explanations": {"dve": entry}}
+    body = {
+        "predictions": [{"index": 1, "label": "x", "probability": 0.5}],
+        "image": {"width": 451, "height": 300},
+        "explanations": {"dve": entry},
+    }
     body.update(overrides)
     return body
 

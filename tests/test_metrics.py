@@ -10,7 +10,7 @@ import requests
 from tests.test_integration import post_image
 
 MODEL = "efficientnet_lite0"
-SAMPLE = re.compile(r'^(\w+)\{([^}]*)\} (\S+)$')
+SAMPLE = re.compile(r"^(\w+)\{([^}]*)\} (\S+)$")
 STAGES = ("DVEDecodeTime", "DVEForwardTime", "DVEExplainTime", "DVEEncodeTime")
 
 
@@ -28,7 +28,9 @@ def scrape(server) -> tuple[dict[str, float], str]:
 
 def test_handler_metrics_are_scraped_in_prometheus_format(server, photos):
     before, _ = scrape(server)
-    statuses = [post_image(server, MODEL, image).status_code for image in (photos["chelsea"], b"not an image", photos["coffee"])]
+    statuses = [
+        post_image(server, MODEL, image).status_code for image in (photos["chelsea"], b"not an image", photos["coffee"])
+    ]
     assert statuses == [200, 400, 200]
     deadline = time.monotonic() + 15  # the frontend reads the worker's metrics asynchronously
     while True:

@@ -51,8 +51,15 @@ def test_pickled_modules_and_mismatched_weights_are_refused(tmp_path):
 def test_architectures_by_name(tmp_path):
     assert build_model("resnet18", 7).fc.out_features == 7
     assert build_model("efficientnet_lite0", 3)._fc.out_features == 3
-    (tmp_path / "net.py").write_text("from torch import nn\nclass Net(nn.Sequential):\n    def __init__(self, width=4):\n        super().__init__(nn.Conv2d(3, width, 3))\n")
-    assert build_model("custom", 2, model_file=tmp_path / "net.py", model_class="Net", model_kwargs={"width": 6})[0].out_channels == 6
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\nclass Net(nn.Sequential):\n    def __init__(self, width=4):\n        super().__init__(nn.Conv2d(3, width, 3))\n"
+    )
+    assert (
+        build_model("custom", 2, model_file=tmp_path / "net.py", model_class="Net", model_kwargs={"width": 6})[
+            0
+        ].out_channels
+        == 6
+    )
     with pytest.raises(ValueError, match="no nn.Module subclass named 'Nope'"):
         build_model("custom", 2, model_file=tmp_path / "net.py", model_class="Nope")
     with pytest.raises(ValueError, match="unknown architecture"):
@@ -67,7 +74,12 @@ def test_build_mar_sets_dve_parameters_and_refuses_bad_ones():
     assert dve_params(["sigma_low=2", "sigma_high=1", "box_threshold=0.5", "psi=none"]) == DVEParams(
         sigma_low=2.0, sigma_high=1.0, box_threshold=0.5, psi="none"
     )
-    for pairs, message in [(["sigma"], "KEY=VALUE"), (["sigma_low=two"], "not a number"), (["sigmaa=1"], "unknown DVE parameter"), (["psi=median"], "psi must be one of")]:
+    for pairs, message in [
+        (["sigma"], "KEY=VALUE"),
+        (["sigma_low=two"], "not a number"),
+        (["sigmaa=1"], "unknown DVE parameter"),
+        (["psi=median"], "psi must be one of"),
+    ]:
         with pytest.raises(BuildError, match=message):
             dve_params(pairs)
 
@@ -92,10 +104,17 @@ def test_which_models_answer_class_conditional(architecture, supported, photos):
     from handler.options import ParsedRequest, RequestOptions
 
     torch.manual_seed(0)
-    explainer = Explainer(build_model(architecture, 1000), ServingConfig(architecture=architecture), imagenet_labels(), torch.device("cpu"))
+    explainer = Explainer(
+        build_model(architecture, 1000),
+        ServingConfig(architecture=architecture),
+        imagenet_labels(),
+        torch.device("cpu"),
+    )
     asked = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True))
     plain = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32))
-    targeted = ParsedRequest(photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True, target=967))
+    targeted = ParsedRequest(
+        photos["coffee"], RequestOptions(1, ("dve",), "png", 32, class_conditional=True, target=967)
+    )
     conditional, ordinary, target = explainer.run([asked, plain, targeted])
     assert ordinary.status == 200  # every one of them explains the paper's way
     if supported:

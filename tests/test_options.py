@@ -16,7 +16,9 @@ B64 = base64.b64encode(IMAGE).decode()
 
 
 def parse(data, content_type=None, **limits):
-    return parse_request(data, content_type=content_type, defaults=RequestDefaults(), limits=Limits(**limits), num_classes=1000)
+    return parse_request(
+        data, content_type=content_type, defaults=RequestDefaults(), limits=Limits(**limits), num_classes=1000
+    )
 
 
 def test_raw_body_uses_the_defaults():
@@ -27,7 +29,15 @@ def test_raw_body_uses_the_defaults():
 
 def test_json_body_sets_every_option():
     parsed = parse(
-        {"body": {"image": B64, "topk": 3, "explanations": ["targeted_dve"], "format": "overlay", "map_size": "original"}},
+        {
+            "body": {
+                "image": B64,
+                "topk": 3,
+                "explanations": ["targeted_dve"],
+                "format": "overlay",
+                "map_size": "original",
+            }
+        },
         "application/json",
     )
     assert parsed.image == IMAGE
@@ -35,7 +45,15 @@ def test_json_body_sets_every_option():
 
 
 def test_multipart_fields_arrive_as_text():
-    parsed = parse({"image": bytearray(IMAGE), "topk": "2", "explanations": "dve, targeted_dve", "format": b"array", "map_size": "64"})
+    parsed = parse(
+        {
+            "image": bytearray(IMAGE),
+            "topk": "2",
+            "explanations": "dve, targeted_dve",
+            "format": b"array",
+            "map_size": "64",
+        }
+    )
     assert parsed.options == RequestOptions(topk=2, explanations=("dve", "targeted_dve"), format="array", map_size=64)
 
 
@@ -72,9 +90,24 @@ def test_data_url_base64_is_accepted():
         ({"body": bytearray(IMAGE), "topk": "3"}, None, 400, "either a body or form fields"),
         ({"body": "a text file\n"}, "text/plain", 400, "the body is text, not an image"),
         ({"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}, None, 400, "datatype 'FP32'"),
-        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"image": B64}}, None, 400, "not in its 'parameters'"),
-        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"top": 3}}, None, 400, "unknown field"),
-        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": [3]}, None, 400, "must be an object"),
+        (
+            {"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"image": B64}},
+            None,
+            400,
+            "not in its 'parameters'",
+        ),
+        (
+            {"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"top": 3}},
+            None,
+            400,
+            "unknown field",
+        ),
+        (
+            {"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": [3]},
+            None,
+            400,
+            "must be an object",
+        ),
     ],
 )
 def test_bad_requests_get_a_clear_message(data, content_type, status, message):
@@ -95,7 +128,13 @@ def test_base64_text_body_is_an_image():
 
 def test_kserve_v2_tensor_carries_the_image_and_its_options():
     """What TorchServe's kservev2 envelope hands over for one BYTES input tensor."""
-    tensor = {"name": "photo", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"topk": 2, "explanations": ["dve"]}}
+    tensor = {
+        "name": "photo",
+        "datatype": "BYTES",
+        "shape": [1],
+        "data": B64,
+        "parameters": {"topk": 2, "explanations": ["dve"]},
+    }
     request = parse(tensor, None)
     assert request.image == IMAGE
     assert request.options.topk == 2 and request.options.explanations == ("dve",)
@@ -109,7 +148,10 @@ def test_kserve_v2_tensor_carries_the_image_and_its_options():
         ({"body": {"image": B64, "stages": False}}, False),
         ({"image": bytearray(IMAGE), "stages": b"true"}, True),  # multipart text
         ({"image": bytearray(IMAGE), "stages": " False "}, False),
-        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"stages": True}}, True),  # KServe v2
+        (
+            {"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"stages": True}},
+            True,
+        ),  # KServe v2
     ],
 )
 def test_stages_option_from_every_kind_of_body(data, expected):
@@ -125,7 +167,9 @@ def test_a_bad_stages_value_is_a_clear_400(value):
 
 def test_a_models_default_can_turn_stages_on():
     defaults = RequestDefaults(stages=True)
-    parsed = parse_request({"body": bytearray(IMAGE)}, content_type="image/jpeg", defaults=defaults, limits=Limits(), num_classes=10)
+    parsed = parse_request(
+        {"body": bytearray(IMAGE)}, content_type="image/jpeg", defaults=defaults, limits=Limits(), num_classes=10
+    )
     assert parsed.options.stages is True
 
 
@@ -135,7 +179,10 @@ def test_a_models_default_can_turn_stages_on():
         ({"body": {"image": B64}}, False),  # the paper's DVE unless asked for
         ({"body": {"image": B64, "class_conditional": True}}, True),
         ({"image": bytearray(IMAGE), "class_conditional": "true"}, True),  # multipart text
-        ({"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"class_conditional": True}}, True),
+        (
+            {"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"class_conditional": True}},
+            True,
+        ),
     ],
 )
 def test_class_conditional_option_from_every_kind_of_body(data, expected):
@@ -163,7 +210,7 @@ def test_absurd_numbers_are_a_short_400(value):
 
 def test_a_json_body_with_a_huge_number_is_a_400_naming_it():
     """TorchServe's own JSON parser refuses numbers over 4300 digits and forwards the bytes."""
-    body = ('{"image": "%s", "topk": %s}' % (B64, "9" * 5000)).encode()
+    body = f'{{"image": "{B64}", "topk": {"9" * 5000}}}'.encode()
     with pytest.raises(RequestError, match="5000 digits") as caught:
         parse({"body": body}, content_type="application/json")
     assert caught.value.status == 400
@@ -178,7 +225,14 @@ LABELS = ("dark", "bright", "Cardigan", "cardigan", "tabby")  # ImageNet has bot
 
 
 def parse_target(data, content_type=None):
-    return parse_request(data, content_type=content_type, defaults=RequestDefaults(), limits=Limits(), num_classes=len(LABELS), labels=LABELS)
+    return parse_request(
+        data,
+        content_type=content_type,
+        defaults=RequestDefaults(),
+        limits=Limits(),
+        num_classes=len(LABELS),
+        labels=LABELS,
+    )
 
 
 @pytest.mark.parametrize(
@@ -226,7 +280,9 @@ def test_an_unknown_or_ill_typed_target_is_a_400_naming_it(target, message):
 
 
 def test_target_with_class_conditional_false_is_a_contradiction():
-    with pytest.raises(RequestError, match=r"'target' explains a class through the class-conditional weighting") as caught:
+    with pytest.raises(
+        RequestError, match=r"'target' explains a class through the class-conditional weighting"
+    ) as caught:
         parse_target({"body": {"image": B64, "target": 1, "class_conditional": False}}, "application/json")
     assert caught.value.status == 400
 

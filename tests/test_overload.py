@@ -27,7 +27,11 @@ def test_a_burst_beyond_the_queue_gets_503_and_the_worker_survives(model_store, 
     run_dir = tmp_path / "run"
     try:
         server = ts_server.start(
-            [MODEL], run_dir=run_dir, model_store=model_store, port_base=INTEGRATION_PORT_BASE + 40, properties={"job_queue_size": "2"}
+            [MODEL],
+            run_dir=run_dir,
+            model_store=model_store,
+            port_base=INTEGRATION_PORT_BASE + 40,
+            properties={"job_queue_size": "2"},
         )
         pids = worker_pids(server, MODEL)
         headers = {"Authorization": f"Bearer {server.token()}", "Content-Type": "image/jpeg"}
@@ -35,7 +39,9 @@ def test_a_burst_beyond_the_queue_gets_503_and_the_worker_survives(model_store, 
 
         def send(_) -> requests.Response:
             start.wait()
-            return requests.post(f"{server.inference_url}/predictions/{MODEL}", data=photos["chelsea"], headers=headers, timeout=120)
+            return requests.post(
+                f"{server.inference_url}/predictions/{MODEL}", data=photos["chelsea"], headers=headers, timeout=120
+            )
 
         before = batch_totals(server, MODEL)
         with ThreadPoolExecutor(BURST) as pool:

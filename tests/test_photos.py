@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
+from evaluation.photos import CAT_CLASSES
+from evaluation.photos import encode_image as encode
 from handler import imaging
-from evaluation.photos import CAT_CLASSES, encode_image as encode
 from tests.icc import display_profile
 from tests.test_integration import png, post, post_image, worker_pids
 
@@ -50,7 +51,9 @@ def iphone_heic(image: Image.Image) -> bytes:
     return encode(pixels, "HEIF", quality=90, icc_profile=icc, exif=exif.tobytes())
 
 
-def animated(fmt: str, size: tuple[int, int] = (64, 48), frames: int = 300, first: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+def animated(
+    fmt: str, size: tuple[int, int] = (64, 48), frames: int = 300, first: tuple[int, int, int] = (200, 30, 30)
+) -> bytes:
     """A ``frames``-frame animation (GIF, WEBP or PNG: APNG) whose first frame is ``first`` all over, the rest noise."""
     rng = np.random.default_rng(0)
     rest = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(frames - 1)]

@@ -23,8 +23,16 @@ def test_port_base_moves_the_server_the_tests_and_the_load_tests(monkeypatch, tm
     _, settings = ts_server.write_config(ts_server.DEFAULT_CONFIG, tmp_path, ts_server.requested_port_base())
     assert [port for _, port in ts_server.listening_ports(settings)] == [9000, 9001, 9002, 9004, 9005]
     bases = subprocess.run(
-        [sys.executable, "-c", "from serving.load import runner, faults, worstcase, overload; print(runner.PORT_BASE, faults.PORT_BASE, worstcase.PORT_BASE, overload.PORT_BASE)"],
-        cwd=ROOT, env=dict(os.environ, PORT_BASE="9000"), capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "from serving.load import runner, faults, worstcase, overload; print(runner.PORT_BASE, faults.PORT_BASE, worstcase.PORT_BASE, overload.PORT_BASE)",
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, PORT_BASE="9000"),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert bases.stdout.split() == ["29000", "29100", "29200", "29920"]
 
@@ -63,7 +71,9 @@ def test_a_taken_port_is_named_in_one_line_with_its_process_and_the_way_out(take
 
 
 def test_port_holder_names_the_listener_and_nobody_for_a_free_port(taken_port):
-    assert ts_server.port_holder(taken_port).startswith(f"pid {os.getpid()} (") and not ts_server.port_is_free(taken_port)
+    assert ts_server.port_holder(taken_port).startswith(f"pid {os.getpid()} (") and not ts_server.port_is_free(
+        taken_port
+    )
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         free = probe.getsockname()[1]
@@ -71,7 +81,16 @@ def test_port_holder_names_the_listener_and_nobody_for_a_free_port(taken_port):
 
 
 def test_serve_on_a_running_server_prints_its_address_and_a_request_and_exits_0(server, capsys, tmp_path):
-    status = cli("scripts/server.py", "start", "--run-dir", server.run_dir, "--models", "efficientnet_lite0", "--example-image", tmp_path / "cat.jpg")
+    status = cli(
+        "scripts/server.py",
+        "start",
+        "--run-dir",
+        server.run_dir,
+        "--models",
+        "efficientnet_lite0",
+        "--example-image",
+        tmp_path / "cat.jpg",
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert f"TorchServe is already up at {server.inference_url}" in out

@@ -22,7 +22,7 @@ esac
 exit 0
 """
 BROKEN = "#!/bin/sh\necho 'pyenv: {name}: command not found' >&2\nexit 127\n"
-JAVA = '#!/bin/sh\necho \'openjdk version "{version}" 2025-04-15\' >&2\n'
+JAVA = "#!/bin/sh\necho 'openjdk version \"{version}\" 2025-04-15' >&2\n"
 
 
 def machine(tmp_path: Path, programs: dict[str, str]) -> Path:
@@ -51,27 +51,40 @@ def test_with_only_python_3_12_it_takes_3_12(tmp_path):
 
 
 def test_a_shim_for_a_python_that_is_not_there_is_skipped(tmp_path):
-    bin_dir = machine(tmp_path, {
-        "python3.11": BROKEN.format(name="python3.11"),
-        "python3.12": PYTHON.format(version="3.12"),
-        "python3": PYTHON.format(version="3.13"),
-        "java": JAVA.format(version="21.0.2"),
-    })
+    bin_dir = machine(
+        tmp_path,
+        {
+            "python3.11": BROKEN.format(name="python3.11"),
+            "python3.12": PYTHON.format(version="3.12"),
+            "python3": PYTHON.format(version="3.13"),
+            "java": JAVA.format(version="21.0.2"),
+        },
+    )
     result = check(bin_dir, tmp_path / ".venv")
     assert result.returncode == 0 and "with python3.12 (Python 3.12)" in result.stdout
 
 
 def test_python_3_11_comes_first(tmp_path):
-    bin_dir = machine(tmp_path, {
-        "python3.11": PYTHON.format(version="3.11"), "python3.12": PYTHON.format(version="3.12"), "java": JAVA.format(version="17.0.1"),
-    })
+    bin_dir = machine(
+        tmp_path,
+        {
+            "python3.11": PYTHON.format(version="3.11"),
+            "python3.12": PYTHON.format(version="3.12"),
+            "java": JAVA.format(version="17.0.1"),
+        },
+    )
     assert "with python3.11 (Python 3.11)" in check(bin_dir, tmp_path / ".venv").stdout
 
 
 def test_python_overrides_the_search_and_must_be_supported(tmp_path):
-    bin_dir = machine(tmp_path, {
-        "python3.11": PYTHON.format(version="3.11"), "python3.10": PYTHON.format(version="3.10"), "java": JAVA.format(version="17.0.1"),
-    })
+    bin_dir = machine(
+        tmp_path,
+        {
+            "python3.11": PYTHON.format(version="3.11"),
+            "python3.10": PYTHON.format(version="3.10"),
+            "java": JAVA.format(version="17.0.1"),
+        },
+    )
     result = check(bin_dir, tmp_path / ".venv", PYTHON="python3.10")
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.splitlines() == [
@@ -93,7 +106,9 @@ def test_each_missing_piece_is_one_line_saying_what_to_install(tmp_path):
 def test_java_older_than_17_is_named(tmp_path, version, shown):
     bin_dir = machine(tmp_path, {"python3.11": PYTHON.format(version="3.11"), "java": JAVA.format(version=version)})
     result = check(bin_dir, tmp_path / ".venv")
-    assert result.returncode == 1 and result.stderr.startswith(f"missing: {shown}: TorchServe's frontend needs Java 17 or newer")
+    assert result.returncode == 1 and result.stderr.startswith(
+        f"missing: {shown}: TorchServe's frontend needs Java 17 or newer"
+    )
 
 
 def test_too_little_disk_for_a_new_environment_is_named(tmp_path):
@@ -118,7 +133,9 @@ def test_an_existing_environment_is_checked_not_rebuilt(tmp_path):
 
 def test_the_makefile_checks_before_it_installs():
     """`make serve` and `make test` reach the environment through the check, never around it."""
-    dry_run = subprocess.run(["make", "-n", "-B", "test", "serve"], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHON=""))
+    dry_run = subprocess.run(
+        ["make", "-n", "-B", "test", "serve"], cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHON="")
+    )
     lines = dry_run.stdout.splitlines()
     first_install = next(i for i, line in enumerate(lines) if "pip install" in line)
     assert any("scripts/prereqs.sh" in line for line in lines[:first_install])

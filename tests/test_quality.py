@@ -105,7 +105,22 @@ def test_methods_give_one_map_in_the_unit_range_per_image(lite0_explainer, photo
 
 def test_evaluate_writes_a_report_with_every_method(tmp_path, capsys):
     out = tmp_path / "evaluation"
-    assert cli("scripts/evaluate.py", "--quick", "--photos", "chelsea", "coffee", "--per-object", "2", "--steps", "4", "--out", out) == 0
+    assert (
+        cli(
+            "scripts/evaluate.py",
+            "--quick",
+            "--photos",
+            "chelsea",
+            "coffee",
+            "--per-object",
+            "2",
+            "--steps",
+            "4",
+            "--out",
+            out,
+        )
+        == 0
+    )
     report = (out / "report.md").read_text()
     results = json.loads((out / "results.json").read_text())
     names = list(results["methods"])
@@ -127,7 +142,11 @@ def test_settings_are_ranked_on_both_maps_and_every_metric():
     from handler.dve import DVEParams
 
     good, poor = DVEParams(sigma_low=1.0), DVEParams(sigma_low=3.0)
-    methods = [saliency.DVEMap(evaluate.label(p, kind), p, targeted=kind == "targeted") for p in (good, poor) for kind in ("dve", "targeted")]
+    methods = [
+        saliency.DVEMap(evaluate.label(p, kind), p, targeted=kind == "targeted")
+        for p in (good, poor)
+        for kind in ("dve", "targeted")
+    ]
     results = {}
     for method in methods:
         better = method.params == good
@@ -140,7 +159,10 @@ def test_settings_are_ranked_on_both_maps_and_every_metric():
             energy=[0.9 if better else 0.5],
         )
     ranked = evaluate.rank_settings(results, methods)
-    assert ranked == [(evaluate.label(good, "dve").partition(" ")[2], 1.0), (evaluate.label(poor, "dve").partition(" ")[2], 2.0)]
+    assert ranked == [
+        (evaluate.label(good, "dve").partition(" ")[2], 1.0),
+        (evaluate.label(poor, "dve").partition(" ")[2], 2.0),
+    ]
 
 
 def test_paired_t_and_box_iou():
@@ -163,7 +185,9 @@ def _request(image: bytes):
     return ParsedRequest(image, RequestOptions(1, (), "png", None))
 
 
-def test_dve_and_targeted_dve_share_one_explanation_only_through_the_cache_they_are_given(lite0_explainer, photos, monkeypatch):
+def test_dve_and_targeted_dve_share_one_explanation_only_through_the_cache_they_are_given(
+    lite0_explainer, photos, monkeypatch
+):
     crops = torch.stack([lite0_explainer.prepare(_request(photos["chelsea"])).pixels])
     batch = saliency.forward_batch(lite0_explainer, crops)
     params = lite0_explainer.config.dve
@@ -171,11 +195,16 @@ def test_dve_and_targeted_dve_share_one_explanation_only_through_the_cache_they_
     explain = saliency.dve.explain
     monkeypatch.setattr(saliency.dve, "explain", lambda *args: calls.append(1) or explain(*args))
     shared = saliency.ExplanationCache()
-    dve, targeted = saliency.DVEMap("dve", params, cache=shared), saliency.DVEMap("targeted", params, targeted=True, cache=shared)
+    dve, targeted = (
+        saliency.DVEMap("dve", params, cache=shared),
+        saliency.DVEMap("targeted", params, targeted=True, cache=shared),
+    )
     first = (dve.maps(lite0_explainer, batch), targeted.maps(lite0_explainer, batch))
     assert len(calls) == 1  # one dve.explain call for both maps, as in the handler
     alone = saliency.DVEMap("dve", params), saliency.DVEMap("targeted", params, targeted=True)
-    assert all(torch.equal(m.maps(lite0_explainer, batch), f) for m, f in zip(alone, first)) and len(calls) == 3  # no state shared
+    assert (
+        all(torch.equal(m.maps(lite0_explainer, batch), f) for m, f in zip(alone, first)) and len(calls) == 3
+    )  # no state shared
     targeted.forget()
     dve.maps(lite0_explainer, batch)
     assert len(calls) == 4  # forgotten by both: their cache is one object

@@ -30,7 +30,13 @@ def grid_sample_reference(maps: torch.Tensor, geometry: CropGeometry, size: tupl
 
 @pytest.mark.parametrize(
     "width, height, size, cells",
-    [(451, 300, (224, 149), 7), (400, 200, (400, 200), 7), (3000, 4000, (300, 400), 14), (451, 300, (451, 300), 112), (1, 5000, (8, 4096), 7)],
+    [
+        (451, 300, (224, 149), 7),
+        (400, 200, (400, 200), 7),
+        (3000, 4000, (300, 400), 14),
+        (451, 300, (451, 300), 112),
+        (1, 5000, (8, 4096), 7),
+    ],
 )
 def test_drawing_equals_grid_sample(width, height, size, cells):
     geometry = CropGeometry.centre_crop(width, height, 256, 224)

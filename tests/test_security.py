@@ -6,7 +6,7 @@ import base64
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -26,7 +26,9 @@ def bearer(token: str) -> dict[str, str]:
 @pytest.mark.parametrize("token", [None, "wrong-token"])
 def test_requests_without_the_right_token_are_refused(server, photos, token):
     headers = {"Content-Type": "image/jpeg", **(bearer(token) if token else {})}
-    response = requests.post(f"{server.inference_url}/predictions/efficientnet_lite0", data=photos["chelsea"], headers=headers, timeout=30)
+    response = requests.post(
+        f"{server.inference_url}/predictions/efficientnet_lite0", data=photos["chelsea"], headers=headers, timeout=30
+    )
     assert response.status_code == 400
     assert REFUSED in response.json()["message"]
 
@@ -39,7 +41,9 @@ def test_the_inference_token_opens_no_management_call(server):
 def test_a_rotated_token_replaces_the_old_one_at_once(server, photos):
     """The API key asks the management API for a new inference key; the old one stops working."""
     old = server.token("inference")
-    rotated = requests.post(f"{server.management_url}/token", params={"type": "inference"}, headers=bearer(server.token("API")), timeout=10)
+    rotated = requests.post(
+        f"{server.management_url}/token", params={"type": "inference"}, headers=bearer(server.token("API")), timeout=10
+    )
     assert rotated.status_code == 200
     new = server.token("inference")  # TorchServe rewrites key_file.json
     assert new != old
@@ -48,7 +52,12 @@ def test_a_rotated_token_replaces_the_old_one_at_once(server, photos):
 
 
 def test_only_the_api_key_may_rotate_tokens(server):
-    response = requests.post(f"{server.management_url}/token", params={"type": "inference"}, headers=bearer(server.token("management")), timeout=10)
+    response = requests.post(
+        f"{server.management_url}/token",
+        params={"type": "inference"},
+        headers=bearer(server.token("management")),
+        timeout=10,
+    )
     assert response.status_code == 400
 
 
@@ -57,14 +66,23 @@ def test_an_expired_token_is_refused(tmp_path):
     run_dir = tmp_path / "run"
     try:
         expiring = ts_server.start(
-            [], run_dir=run_dir, model_store=tmp_path, port_base=INTEGRATION_PORT_BASE + 30, properties={"token_expiration_min": "0.1"}
+            [],
+            run_dir=run_dir,
+            model_store=tmp_path,
+            port_base=INTEGRATION_PORT_BASE + 30,
+            properties={"token_expiration_min": "0.1"},
         )
         ping = f"{expiring.inference_url}/ping"
-        requests.post(f"{expiring.management_url}/token", params={"type": "inference"}, headers=bearer(expiring.token("API")), timeout=10)
+        requests.post(
+            f"{expiring.management_url}/token",
+            params={"type": "inference"},
+            headers=bearer(expiring.token("API")),
+            timeout=10,
+        )
         token = expiring.token("inference")
         assert requests.get(ping, headers=bearer(token), timeout=10).status_code == 200
         expires = json.loads(expiring.key_file.read_text())["inference"]["expiration time"]
-        wait = datetime.fromisoformat(expires.replace("Z", "+00:00")) - datetime.now(timezone.utc)
+        wait = datetime.fromisoformat(expires.replace("Z", "+00:00")) - datetime.now(UTC)
         assert 0 < wait.total_seconds() <= 6.5
         time.sleep(wait.total_seconds() + 0.5)
         response = requests.get(ping, headers=bearer(token), timeout=10)
@@ -75,7 +93,10 @@ def test_an_expired_token_is_refused(tmp_path):
 
 def test_model_registration_over_http_is_off(server, tmp_path):
     response = requests.post(
-        f"{server.management_url}/models", params={"url": f"file://{tmp_path}/x.mar"}, headers=bearer(server.token("management")), timeout=10
+        f"{server.management_url}/models",
+        params={"url": f"file://{tmp_path}/x.mar"},
+        headers=bearer(server.token("management")),
+        timeout=10,
     )
     assert response.status_code == 405
 

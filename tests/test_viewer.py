@@ -15,9 +15,15 @@ import requests
 from viewer import server as viewer
 
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
     # Without these Chromium keeps calling out, flooding a closed network.
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 )
 WAIT_S = 120  # an upper bound for the page to show an answer while the rest of the suite loads the machine
 
@@ -75,7 +81,9 @@ def test_the_page_server_forwards_answers_and_errors_with_the_token(page, photos
     assert refused.json()["message"].startswith("the data is not an image")
     unknown = requests.post(page.url + "explain", timeout=WAIT_S, **form(photos["chelsea"], target="x" * 100))
     assert unknown.status_code == 400 and "... (102 characters) is neither a class index" in unknown.json()["message"]
-    raw = requests.post(page.url + "explain", data=photos["chelsea"], headers={"Content-Type": "image/jpeg"}, timeout=WAIT_S)
+    raw = requests.post(
+        page.url + "explain", data=photos["chelsea"], headers={"Content-Type": "image/jpeg"}, timeout=WAIT_S
+    )
     assert raw.status_code == 415
 
 
@@ -97,7 +105,9 @@ def test_the_page_server_reads_the_key_file_again_when_the_token_is_refused(serv
 
 def test_the_page_server_bounds_the_body(page):
     body = b"\0" * (viewer.MAX_BODY_BYTES + 1)
-    refused = requests.post(page.url + "explain", data=body, headers={"Content-Type": "multipart/form-data; boundary=x"}, timeout=WAIT_S)
+    refused = requests.post(
+        page.url + "explain", data=body, headers={"Content-Type": "multipart/form-data; boundary=x"}, timeout=WAIT_S
+    )
     assert refused.status_code == 413
     assert refused.json()["message"] == "the photo is over 20 MiB (20,971,520 bytes), the model's limit"
 
@@ -128,7 +138,9 @@ def _chromium() -> tuple[str, str]:
 def browser():
     """Headless Chromium through chromedriver, with a fresh profile; always quit."""
     browser_path, driver_path = _chromium()
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed: make install-dev (pip install -e '.[dev]')")
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed: make install-dev (pip install -e '.[dev]')"
+    )
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
@@ -204,14 +216,18 @@ def test_clicking_a_class_explains_it(browser, page, photos, tmp_path):
     upload(browser, tmp_path / "chelsea.jpg")
     wait_for(browser, lambda d: rendered(d) == 1)
     agnostic = map_pixels(browser)
-    tabby = next(b for b in browser.find_elements(By.CSS_SELECTOR, "#classes .class") if b.get_attribute("data-index") == "281")
+    tabby = next(
+        b for b in browser.find_elements(By.CSS_SELECTOR, "#classes .class") if b.get_attribute("data-index") == "281"
+    )
     tabby.click()
     wait_for(browser, lambda d: rendered(d) == 2)
     assert element(browser, "#result").get_attribute("data-explained") == "281"
     assert "tabby" in element(browser, "#explained").text
     tabby_map = map_pixels(browser)
     assert tabby_map != agnostic
-    lynx = next(b for b in browser.find_elements(By.CSS_SELECTOR, "#classes .class") if b.get_attribute("data-index") == "287")
+    lynx = next(
+        b for b in browser.find_elements(By.CSS_SELECTOR, "#classes .class") if b.get_attribute("data-index") == "287"
+    )
     lynx.click()
     wait_for(browser, lambda d: rendered(d) == 3)
     assert element(browser, "#result").get_attribute("data-explained") == "287"

@@ -69,12 +69,17 @@ class Inference:
         try:
             return torchserve.read_token(self.key_file)
         except (OSError, ValueError, KeyError):
-            raise ConnectionError(f"no inference key in {self.key_file}: is TorchServe running from {self.key_file.parent}?") from None
+            raise ConnectionError(
+                f"no inference key in {self.key_file}: is TorchServe running from {self.key_file.parent}?"
+            ) from None
 
     def _post(self, body: bytes, content_type: str, token: str) -> tuple[int, bytes]:
         """One call: TorchServe's status and body; ConnectionError or TimeoutError when it does not answer."""
         request = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"Content-Type": content_type, "Authorization": f"Bearer {token}"}
+            self.url,
+            data=body,
+            method="POST",
+            headers={"Content-Type": content_type, "Authorization": f"Bearer {token}"},
         )
         try:
             with urllib.request.urlopen(request, timeout=FORWARD_TIMEOUT_S) as response:
@@ -169,7 +174,9 @@ class PageHandler(BaseHTTPRequestHandler):
             if not chunk:
                 break
             remaining -= len(chunk)
-        message = f"the photo is over {MAX_IMAGE_BYTES // (1024 * 1024)} MiB ({MAX_IMAGE_BYTES:,} bytes), the model's limit"
+        message = (
+            f"the photo is over {MAX_IMAGE_BYTES // (1024 * 1024)} MiB ({MAX_IMAGE_BYTES:,} bytes), the model's limit"
+        )
         self._send(413, error_body(413, message), close=True)
 
 
@@ -226,8 +233,11 @@ def start(port_base: int | None, run_dir: Path, model: str) -> int:
     running = torchserve.running_server(run_dir)
     if running:
         if port_base is not None and running.inference_url != f"http://{HOST}:{port_base}":
-            print(f"error: TorchServe already runs from {run_dir} at {running.inference_url}, not at PORT_BASE={port_base}: "
-                  "`make stop` first, or use its PORT_BASE", file=sys.stderr)
+            print(
+                f"error: TorchServe already runs from {run_dir} at {running.inference_url}, not at PORT_BASE={port_base}: "
+                "`make stop` first, or use its PORT_BASE",
+                file=sys.stderr,
+            )
             return 1
         inference_url = running.inference_url
         print(f"TorchServe already runs at {inference_url}")
@@ -244,9 +254,22 @@ def start(port_base: int | None, run_dir: Path, model: str) -> int:
         print(f"the viewer already runs (pid {_page_pid()}): {url}")
         return 0
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "viewer.server", "run", "--port-base", str(port_base), "--run-dir", str(run_dir), "--model", model]
+    command = [
+        sys.executable,
+        "-m",
+        "viewer.server",
+        "run",
+        "--port-base",
+        str(port_base),
+        "--run-dir",
+        str(run_dir),
+        "--model",
+        model,
+    ]
     with open(LOG_FILE, "ab") as log:
-        process = subprocess.Popen(command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     PID_FILE.write_text(f"{process.pid}\n")
     try:
         _wait_for_page(url, process)
@@ -277,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["start", "stop", "run"])
     parser.add_argument(
-        "--port-base", type=int, help="TorchServe's inference port N; the page is at N+3 (default: $PORT_BASE, else 8080 and config.properties' ports)"
+        "--port-base",
+        type=int,
+        help="TorchServe's inference port N; the page is at N+3 (default: $PORT_BASE, else 8080 and config.properties' ports)",
     )
-    parser.add_argument("--run-dir", type=Path, default=torchserve.DEFAULT_RUN_DIR, help="TorchServe's run folder (its key_file.json)")
+    parser.add_argument(
+        "--run-dir", type=Path, default=torchserve.DEFAULT_RUN_DIR, help="TorchServe's run folder (its key_file.json)"
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
@@ -287,9 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         print("viewer stopped" if stop() else "no viewer running")
         return 0
     if args.action == "start":
-        return start(args.port_base if args.port_base is not None else torchserve.requested_port_base(), run_dir, args.model)
+        return start(
+            args.port_base if args.port_base is not None else torchserve.requested_port_base(), run_dir, args.model
+        )
     port_base = args.port_base if args.port_base is not None else torchserve.port_base()
-    server = make_server(port_base + torchserve.DEMO_OFFSET, f"http://{HOST}:{port_base}", run_dir / torchserve.KEY_FILE, args.model)
+    server = make_server(
+        port_base + torchserve.DEMO_OFFSET, f"http://{HOST}:{port_base}", run_dir / torchserve.KEY_FILE, args.model
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     print(f"viewer at {server.url}, forwarding to {server.inference.url}", flush=True)
     try:

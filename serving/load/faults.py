@@ -35,7 +35,10 @@ RUN_DIR = ROOT / "build" / "faults" / "server"
 
 
 def build() -> None:
-    for options in (ArchiveOptions("efficientnet_lite0"), ArchiveOptions("efficientnet_lite0", name=SLOW, response_timeout=2, limits=UNBOUNDED)):
+    for options in (
+        ArchiveOptions("efficientnet_lite0"),
+        ArchiveOptions("efficientnet_lite0", name=SLOW, response_timeout=2, limits=UNBOUNDED),
+    ):
         options.export_path, options.max_batch_delay = STORE, 5
         build_or_exit(options)
 
@@ -45,7 +48,9 @@ def start(models: list[str]) -> ts_server.Server:
 
 
 def workers(server: ts_server.Server, model: str) -> list[dict]:
-    request = urllib.request.Request(f"{server.management_url}/models/{model}", headers={"Authorization": f"Bearer {server.token('management')}"})
+    request = urllib.request.Request(
+        f"{server.management_url}/models/{model}", headers={"Authorization": f"Bearer {server.token('management')}"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())[0]["workers"]
 
@@ -82,7 +87,11 @@ def recovered(rows: list[dict], fault_start: float, service_back: float) -> bool
 
 def windows(rows: list[dict], fault_start: float, fault_end: float) -> str:
     """Requests and failures before, during and after the fault, completion-time based."""
-    parts = {"before": [r for r in rows if r["t"] < fault_start], "during": [r for r in rows if fault_start <= r["t"] <= fault_end], "after": [r for r in rows if r["t"] > fault_end]}
+    parts = {
+        "before": [r for r in rows if r["t"] < fault_start],
+        "during": [r for r in rows if fault_start <= r["t"] <= fault_end],
+        "after": [r for r in rows if r["t"] > fault_end],
+    }
     lines = []
     for label, part in parts.items():
         failures = sum(not r["ok"] for r in part)
@@ -104,7 +113,9 @@ def kill_worker(report: Path, users: int) -> bool:
         locust.wait()
     finally:
         ts_server.stop(RUN_DIR)
-    print(f"kill-worker: SIGKILL to worker {worker['pid']} at t=15 s; a new worker was READY {ready - killed:.1f} s later")
+    print(
+        f"kill-worker: SIGKILL to worker {worker['pid']} at t=15 s; a new worker was READY {ready - killed:.1f} s later"
+    )
     return recovered(records(results), killed, ready)
 
 
@@ -123,7 +134,9 @@ def restart(report: Path, users: int) -> bool:
         locust.wait()
     finally:
         ts_server.stop(RUN_DIR)
-    print(f"restart: stop took {stopped - down:.1f} s, down 5 s, start to READY {up - stopped - 5:.1f} s; users re-read the new keys")
+    print(
+        f"restart: stop took {stopped - down:.1f} s, down 5 s, start to READY {up - stopped - 5:.1f} s; users re-read the new keys"
+    )
     return recovered(records(results), down, up)
 
 
@@ -135,13 +148,26 @@ def timeout(report: Path) -> bool:
         (before,) = workers(server, SLOW)
         url = f"{server.inference_url}/predictions/{SLOW}"
         started = time.time()
-        slow = requests.post(url, files={"image": (big.name, big.data, "image/jpeg")}, data={"format": "overlay", "map_size": "original", "stages": "true"}, headers=token, timeout=120)
+        slow = requests.post(
+            url,
+            files={"image": (big.name, big.data, "image/jpeg")},
+            data={"format": "overlay", "map_size": "original", "stages": "true"},
+            headers=token,
+            timeout=120,
+        )
         elapsed = time.time() - started
-        print(f"timeout: original-size overlays of every stage of a {big.width} x {big.height} photo, limits lifted, responseTimeout 2 s: HTTP {slow.status_code} after {elapsed:.1f} s: {slow.text[:160]!r}")
+        print(
+            f"timeout: original-size overlays of every stage of a {big.width} x {big.height} photo, limits lifted, responseTimeout 2 s: HTTP {slow.status_code} after {elapsed:.1f} s: {slow.text[:160]!r}"
+        )
         ready = wait_for_new_worker(server, SLOW, before["pid"])
-        print(f"  the worker ({before['pid']}) was replaced; the new one was READY {ready - started:.1f} s after the request")
+        print(
+            f"  the worker ({before['pid']}) was replaced; the new one was READY {ready - started:.1f} s after the request"
+        )
         small = load_sizes()[2]
-        follow = [requests.post(url, data=small.data, headers={**token, "Content-Type": "image/jpeg"}, timeout=60).status_code for _ in range(5)]
+        follow = [
+            requests.post(url, data=small.data, headers={**token, "Content-Type": "image/jpeg"}, timeout=60).status_code
+            for _ in range(5)
+        ]
         print(f"  the next 5 ordinary requests: {follow}")
     finally:
         ts_server.stop(RUN_DIR)
@@ -172,14 +198,20 @@ def soak(report: Path, users: int, minutes: float) -> bool:
     rows = records(results)
     failures = sum(not r["ok"] for r in rows)
     pids = {pid for _, pid, _ in samples}
-    (report / "soak-memory.csv").write_text("seconds,pid,rss_mb\n" + "".join(f"{t:.0f},{p},{m:.1f}\n" for t, p, m in samples))
+    (report / "soak-memory.csv").write_text(
+        "seconds,pid,rss_mb\n" + "".join(f"{t:.0f},{p},{m:.1f}\n" for t, p, m in samples)
+    )
     warm = [m for t, _, m in samples if 60 <= t < 120] or [samples[0][2]]
     last = [m for t, _, m in samples if t >= samples[-1][0] - 60]
     growth = statistics.mean(last) - statistics.mean(warm)
-    print(f"soak: {minutes:g} min, {users} users, mix: {len(rows)} requests, {failures} failed, {len(rows) / duration:.1f} req/s, "
-          f"p50 {statistics.median(r['ms'] for r in rows):.0f} ms, p99 {percentile([r['ms'] for r in rows], 99):.0f} ms")
-    print(f"  worker PIDs seen: {sorted(pids)}; RSS {samples[0][2]:.0f} MB at start, {statistics.mean(warm):.0f} MB in minute 2, "
-          f"{statistics.mean(last):.0f} MB in the last minute (change {growth:+.0f} MB), max {max(m for _, _, m in samples):.0f} MB")
+    print(
+        f"soak: {minutes:g} min, {users} users, mix: {len(rows)} requests, {failures} failed, {len(rows) / duration:.1f} req/s, "
+        f"p50 {statistics.median(r['ms'] for r in rows):.0f} ms, p99 {percentile([r['ms'] for r in rows], 99):.0f} ms"
+    )
+    print(
+        f"  worker PIDs seen: {sorted(pids)}; RSS {samples[0][2]:.0f} MB at start, {statistics.mean(warm):.0f} MB in minute 2, "
+        f"{statistics.mean(last):.0f} MB in the last minute (change {growth:+.0f} MB), max {max(m for _, _, m in samples):.0f} MB"
+    )
     return code == 0 and failures == 0 and len(pids) == 1
 
 
@@ -197,4 +229,3 @@ def run(args: argparse.Namespace) -> int:
     verdicts = {name: runs[name]() for name in chosen}
     print("\n" + "\n".join(f"{name}: {'recovered' if ok else 'FAILED'}" for name, ok in verdicts.items()))
     return 0 if all(verdicts.values()) else 1
-

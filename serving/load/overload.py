@@ -69,12 +69,16 @@ def wait_for_quiet(server: ts_server.Server, limit: float, timeout: float = 900.
         print(f"  others use {others:.2f} CPU s/s; waiting for a quiet machine ...", flush=True)
 
 
-def run_phase(server: ts_server.Server, users: int, seconds: int, prefix: Path, pause: float, retry_503: bool = False) -> tuple[list[dict], dict]:
+def run_phase(
+    server: ts_server.Server, users: int, seconds: int, prefix: Path, pause: float, retry_503: bool = False
+) -> tuple[list[dict], dict]:
     """One Locust phase of the ``explain`` scenario: its request records, and CPU seconds per second
     used by Locust, by TorchServe, and by every other process of the machine."""
     results = prefix.with_suffix(".jsonl")
     busy, served, started = busy_seconds(), server_seconds(server), time.monotonic()
-    locust = start_locust(server, "explain", users, seconds, prefix, results, model=OURS, retry_503=retry_503, pause_after_503=pause)
+    locust = start_locust(
+        server, "explain", users, seconds, prefix, results, model=OURS, retry_503=retry_503, pause_after_503=pause
+    )
     try:
         _, status, usage = os.wait4(locust.pid, 0)  # like wait(), and the child's CPU time
     except BaseException:  # stopped (Ctrl-C, SIGTERM): no Locust left behind
@@ -118,10 +122,20 @@ def summarize(rows: list[dict], seconds: int) -> dict:
 
 
 def measure(
-    queue_size: int, users: list[int], seconds: int, warmup: int, pause: float, quiet: float | None, repeats: int, port_base: int, report_dir: Path
+    queue_size: int,
+    users: list[int],
+    seconds: int,
+    warmup: int,
+    pause: float,
+    quiet: float | None,
+    repeats: int,
+    port_base: int,
+    report_dir: Path,
 ) -> list[dict]:
     """One TorchServe with ``job_queue_size=queue_size``: a warm-up, then one phase per user count."""
-    server = ts_server.start([OURS], run_dir=RUN_DIR, model_store=STORE, port_base=port_base, properties={"job_queue_size": str(queue_size)})
+    server = ts_server.start(
+        [OURS], run_dir=RUN_DIR, model_store=STORE, port_base=port_base, properties={"job_queue_size": str(queue_size)}
+    )
     rows = []
     try:
         print(f"job_queue_size={queue_size}: TorchServe up at {server.inference_url}", flush=True)
@@ -140,7 +154,10 @@ def measure(
                 print("  " + line(row), flush=True)
                 if quiet is None or cpu["others_cpu_per_s"] <= quiet or after != [before]:
                     break
-                print(f"  others used {cpu['others_cpu_per_s']:.2f} CPU s/s during that phase: measuring it again", flush=True)
+                print(
+                    f"  others used {cpu['others_cpu_per_s']:.2f} CPU s/s during that phase: measuring it again",
+                    flush=True,
+                )
             rows.append(row)
     finally:
         ts_server.stop(RUN_DIR)
@@ -195,7 +212,17 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for queue_size in queue_sizes:
         quiet = None if args.no_wait else args.quiet
-        rows += measure(queue_size, args.users, args.seconds, args.warmup, args.pause_after_503, quiet, args.repeats, args.port_base, args.report_dir)
+        rows += measure(
+            queue_size,
+            args.users,
+            args.seconds,
+            args.warmup,
+            args.pause_after_503,
+            quiet,
+            args.repeats,
+            args.port_base,
+            args.report_dir,
+        )
     text = report(rows, args)
     (args.report_dir / "overload.md").write_text(text)
     (args.report_dir / "overload.json").write_text(json.dumps(rows, indent=2))
@@ -205,4 +232,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAILED: {len(bad)} phase(s) with failures other than 503, or a replaced worker", file=sys.stderr)
         return 1
     return 0
-

