@@ -570,7 +570,8 @@ def blur_table(original: int, steps: Sequence[BlurStep], labels: Sequence[str]) 
         predicted = f"{labels[step.top]} ({step.top})"
         box = "none" if step.box is None else str(list(step.box))
         lines.append(
-            f"{step.sigma:5g}  {predicted:<28} {step.probability:6.1%}  {step.verdict:<13}  {step.original_probability:>{wide}.1%}  {box}"
+            f"{step.sigma:5g}  {predicted:<28} {step.probability:6.1%}  {step.verdict:<13}  "
+            f"{step.original_probability:>{wide}.1%}  {box}"
         )
     return "\n".join(lines)
 

@@ -93,7 +93,8 @@ def check(
     if options.map_size is None and max(geometry.width, geometry.height) > limits.max_map_size:
         raise RequestError(
             f"map_size 'original' means maps of {geometry.width} x {geometry.height} for this image; the long side "
-            f"may be at most {limits.max_map_size}: ask for a map_size of at most {largest_map_size(options, geometry, limits, stages, label_chars)}",
+            f"may be at most {limits.max_map_size}: ask for a map_size of at most "
+            f"{largest_map_size(options, geometry, limits, stages, label_chars)}",
             413,
         )
     cost = request_cost(options, geometry, decoded_pixels=decoded_pixels, stages=stages, label_chars=label_chars)
@@ -113,12 +114,21 @@ def _over(cost: RequestCost, options: RequestOptions, limits: Limits) -> str | N
     """What ``cost`` exceeds, in words, or None."""
     drawn = f"{cost.maps} map(s) of {cost.map_width} x {cost.map_height}"
     if options.format == "array" and cost.rendered_pixels > limits.max_array_values:
-        return f"format 'array' would return {drawn} = {cost.rendered_pixels} values; the limit is {limits.max_array_values}"
+        return (
+            f"format 'array' would return {drawn} = {cost.rendered_pixels} values; "
+            f"the limit is {limits.max_array_values}"
+        )
     if cost.rendered_pixels > limits.max_rendered_pixels:
         kind = " RGB" if options.format == "overlay" else ""
-        return f"drawing {drawn}{kind} is {cost.rendered_pixels} pixel values; the limit per request is {limits.max_rendered_pixels}"
+        return (
+            f"drawing {drawn}{kind} is {cost.rendered_pixels} pixel values; "
+            f"the limit per request is {limits.max_rendered_pixels}"
+        )
     if cost.response_bytes > limits.max_response_bytes:
-        return f"{drawn} in format '{options.format}' could answer up to {cost.response_bytes} bytes; the limit is {limits.max_response_bytes}"
+        return (
+            f"{drawn} in format '{options.format}' could answer up to {cost.response_bytes} bytes; "
+            f"the limit is {limits.max_response_bytes}"
+        )
     return None
 
 

@@ -95,7 +95,8 @@ def parse_request(
         raise RequestError(f"unknown field(s) {_shown(unknown)}; allowed: {['image', *OPTION_NAMES]}")
     if fields.get("image") is None:
         raise RequestError(
-            "the request has no image: send the image as the body, as a JSON field 'image' (base64) or as a multipart field 'image'"
+            "the request has no image: send the image as the body, as a JSON field 'image' (base64) "
+            "or as a multipart field 'image'"
         )
     image = _image_bytes(fields["image"])
     if len(image) > limits.max_image_bytes:
@@ -104,7 +105,8 @@ def parse_request(
     class_conditional = parse_flag(fields.get("class_conditional", defaults.class_conditional), "class_conditional")
     if target is not None and "class_conditional" in fields and not class_conditional:
         raise RequestError(
-            "'target' explains a class through the class-conditional weighting: leave out 'class_conditional' or set it to true"
+            "'target' explains a class through the class-conditional weighting: "
+            "leave out 'class_conditional' or set it to true"
         )
     options = RequestOptions(
         topk=_topk(fields.get("topk", defaults.topk), num_classes),
@@ -303,6 +305,7 @@ def _map_size(value: Any, limits: Limits) -> int | None:
     size = _int(value, "map_size")
     if not MIN_MAP_SIZE <= size <= limits.max_map_size:
         raise RequestError(
-            f"'map_size' must be \"original\" or lie between {MIN_MAP_SIZE} and {limits.max_map_size}, got {_shown(size)}"
+            f"'map_size' must be \"original\" or lie between {MIN_MAP_SIZE} and {limits.max_map_size}, "
+            f"got {_shown(size)}"
         )
     return size

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         "--queue-sizes",
         type=int,
         nargs="+",
-        help=f"job_queue_size values (default: TorchServe's {overload.TORCHSERVE_DEFAULT_QUEUE} and config.properties')",
+        help=(
+            f"job_queue_size values (default: TorchServe's {overload.TORCHSERVE_DEFAULT_QUEUE} and config.properties')"
+        ),
     )
     parser.add_argument("--users", type=int, nargs="+", default=[4, 64, 200])
     parser.add_argument("--seconds", type=int, default=40, help="length of each measured phase")

@@ -86,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile-dve",
         action="store_true",
-        help="on CUDA, compile DVE's tail into CUDA graphs (torch.compile reduce-overhead; each batch size compiles once)",
+        help=(
+            "on CUDA, compile DVE's tail into CUDA graphs "
+            "(torch.compile reduce-overhead; each batch size compiles once)"
+        ),
     )
     parser.add_argument("--batch-size", type=int, default=8, help="TorchServe batchSize (default 8)")
     parser.add_argument("--max-batch-delay", type=int, default=5, help="TorchServe maxBatchDelay in ms (default 5)")

@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     report.write_results(args.out, args.steps, explainer, predictions, composites, results, box_ious)
     print(text)
     print(
-        f"\nwrote {args.out / 'report.md'}, results.json and overlays.png in {report.clock(time.perf_counter() - start)}",
+        f"\nwrote {args.out / 'report.md'}, results.json and overlays.png "
+        f"in {report.clock(time.perf_counter() - start)}",
         file=sys.stderr,
     )
     return 0

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     running = running_server(args.run_dir)
     if running:
         print(
-            f"TorchServe is already up at {running.inference_url} (started from {running.run_dir}; `make stop` stops it)"
+            f"TorchServe is already up at {running.inference_url} "
+            f"(started from {running.run_dir}; `make stop` stops it)"
         )
         if port_base is not None and running.inference_url != f"http://127.0.0.1:{port_base}":
             print(f"note: it keeps its ports; to move it to PORT_BASE={port_base}, `make stop` first")

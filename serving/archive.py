@@ -217,7 +217,8 @@ def build(args: ArchiveOptions) -> Path:
     """Checks the model and writes ``<export-path>/<name>.mar``; returns its path."""
     if args.architecture not in (EFFICIENTNET_LITE0, CUSTOM, *torchvision_classifiers()):
         raise BuildError(
-            f"unknown architecture {args.architecture!r}: use {EFFICIENTNET_LITE0}, {CUSTOM} or a torchvision classifier name"
+            f"unknown architecture {args.architecture!r}: "
+            f"use {EFFICIENTNET_LITE0}, {CUSTOM} or a torchvision classifier name"
         )
     if args.architecture == CUSTOM and not (args.model_file and args.model_class):
         raise BuildError("custom models need --model-file and --model-class")
@@ -236,7 +237,8 @@ def build(args: ArchiveOptions) -> Path:
         except (ValueError, RuntimeError) as exc:
             raise BuildError(f"the model does not load: {exc}") from None
         print(
-            f"{name}: {config.architecture}, {config.num_classes} classes, explaining {explainer.layer} {explainer.feature_shape}"
+            f"{name}: {config.architecture}, {config.num_classes} classes, "
+            f"explaining {explainer.layer} {explainer.feature_shape}"
         )
         stage = workdir / "stage"
         stage.mkdir()

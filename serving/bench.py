@@ -1,8 +1,9 @@
 """What an explanation costs next to the prediction alone, measured side by side in-process.
 
-``scripts/bench.py`` (``make bench``) is its command line. For each model and batch size, every variant runs in the same process on the same
-batch of real photos, interleaved repetition by repetition (so load from elsewhere on
-a shared machine hits every variant alike); each figure is a median over repetitions:
+``scripts/bench.py`` (``make bench``) is its command line. For each model and batch size,
+every variant runs in the same process on the same batch of real photos, interleaved
+repetition by repetition (so load from elsewhere on a shared machine hits every variant
+alike); each figure is a median over repetitions:
 
 * ``forward``: the model alone on a prepared batch (no hook);
 * ``forward+dve``: the forward pass with the hook, then DVE, targeted DVE and the boxes
@@ -284,7 +285,8 @@ def throughput(device: torch.device, batch_sizes: list[int], photos: list[bytes]
         for variant in services:
             host_ms = statistics.median(cpus[variant]) * 1000.0 / batch_size
             print(
-                f"{batch_size:>6}  {variant:<24}{rate[variant]:>10.1f}{rate[variant] / rate['stock image_classifier']:>9.2f}"
+                f"{batch_size:>6}  {variant:<24}{rate[variant]:>10.1f}"
+                f"{rate[variant] / rate['stock image_classifier']:>9.2f}"
                 f"{rate[variant] / rate['ours, no maps']:>11.2f}{host_ms:>13.2f}",
                 flush=True,
             )

@@ -60,7 +60,10 @@ def _send(request: urllib.request.Request) -> tuple[int, Mapping[str, str], byte
 def explain(
     url: str, model: str, token: str, image: bytes, options: Mapping[str, Any], retry: Backoff = DEFAULT_RETRY
 ) -> dict[str, Any]:
-    """POSTs one image as JSON (base64) with ``options``; the decoded answer, or RequestFailed. Retries 503 as ``retry`` says."""
+    """POSTs one image as JSON (base64) with ``options``; the decoded answer, or RequestFailed.
+
+    Retries 503 as ``retry`` says.
+    """
     body = json.dumps({"image": base64.b64encode(image).decode("ascii"), **options}).encode()
     request = urllib.request.Request(
         f"{url.rstrip('/')}/predictions/{model}",
@@ -111,7 +114,10 @@ def _photo(path: Path) -> Image.Image | None:
 
 
 def save_outputs(path: Path, response: Mapping[str, Any], out: Path) -> list[Path]:
-    """Writes every map of ``response`` (PNG or .npy) and, for gray PNG maps, a side-by-side overlay with the salient box."""
+    """Writes every map of ``response`` (PNG or .npy).
+
+    For gray PNG maps, also a side-by-side overlay with the salient box.
+    """
     out.mkdir(parents=True, exist_ok=True)
     written = []
     panels = []

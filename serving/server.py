@@ -95,7 +95,8 @@ def requested_port_base() -> int | None:
         return None
     if not text.isdigit() or not 1024 <= int(text) <= MAX_PORT_BASE:
         raise SystemExit(
-            f"error: PORT_BASE={text[:20]!r} is not a port from 1024 to {MAX_PORT_BASE} (the load tests use PORT_BASE + {OVERLOAD_OFFSET + 5})"
+            f"error: PORT_BASE={text[:20]!r} is not a port from 1024 to {MAX_PORT_BASE} "
+            f"(the load tests use PORT_BASE + {OVERLOAD_OFFSET + 5})"
         )
     return int(text)
 
@@ -159,7 +160,8 @@ def _torchserve() -> str:
         raise ServerError("torchserve is not installed: run `make serve`, which installs it into .venv")
     if not shutil.which("java"):
         raise ServerError(
-            "TorchServe needs Java 17 (`java` is not on PATH): install a JDK 17, e.g. `apt-get install openjdk-17-jdk-headless`"
+            "TorchServe needs Java 17 (`java` is not on PATH): "
+            "install a JDK 17, e.g. `apt-get install openjdk-17-jdk-headless`"
         )
     return found
 
@@ -182,7 +184,10 @@ def _server(run_dir: Path, settings: Mapping[str, str]) -> Server:
 
 
 def running_server(run_dir: Path = DEFAULT_RUN_DIR) -> Server | None:
-    """The TorchServe started from ``run_dir`` if it still runs (its addresses from the config it was given), else None."""
+    """The TorchServe started from ``run_dir`` if it still runs, else None.
+
+    Its addresses come from the config it was given.
+    """
     run_dir = Path(run_dir).resolve()
     if not is_running(run_dir):
         return None
@@ -359,7 +364,10 @@ def _exit_reason(server: Server) -> str:
     except OSError:
         log = ""
     if "Address already in use" in log:
-        return f"TorchServe exited: a port was taken by another process while it started ({where}); {busy_ports_message(read_properties(server.run_dir / 'config.properties')) or 'try again'}"
+        return (
+            f"TorchServe exited: a port was taken by another process while it started ({where}); "
+            f"{busy_ports_message(read_properties(server.run_dir / 'config.properties')) or 'try again'}"
+        )
     return f"TorchServe exited; {where}"
 
 
@@ -453,5 +461,6 @@ def print_usage(server: Server, models: list[str], image: Path) -> None:
     python = Path(sys.executable)
     python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python  # the environment make made
     print(
-        f"\nor, to print the answer and save the maps as PNG files:\n\n  {python} scripts/client.py {image}{url} --out build/client"
+        "\nor, to print the answer and save the maps as PNG files:\n\n"
+        f"  {python} scripts/client.py {image}{url} --out build/client"
     )

@@ -46,7 +46,10 @@ def _para(parameters: tuple[float, ...]) -> bytes:
 
 
 def adapted_matrix(primaries: tuple[tuple[float, float], ...]) -> tuple[np.ndarray, np.ndarray]:
-    """RGB -> XYZ (D50) of linear RGB with these primaries and a D65 white, and the Bradford D65 -> D50 adaptation in it."""
+    """RGB -> XYZ (D50) of linear RGB with these primaries and a D65 white.
+
+    With the Bradford D65 -> D50 adaptation in it.
+    """
     columns = np.stack([_xyz(p) for p in primaries], axis=1)
     white = _xyz(D65_XY)
     matrix = columns * np.linalg.solve(columns, white)  # scale each primary so R = G = B = 1 is white

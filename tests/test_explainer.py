@@ -435,7 +435,8 @@ def test_target_is_refused_per_request_for_a_model_without_a_linear_head(photos)
     assert refused.status == 400
     assert (
         refused.body["message"]
-        == "target needs a linear classifier reading the 512 channels of the explained layer features.30; this model has none"
+        == "target needs a linear classifier reading the 512 channels of the explained layer features.30; "
+        "this model has none"
     )
     assert answered.status == 200
 

@@ -52,7 +52,8 @@ def test_architectures_by_name(tmp_path):
     assert build_model("resnet18", 7).fc.out_features == 7
     assert build_model("efficientnet_lite0", 3)._fc.out_features == 3
     (tmp_path / "net.py").write_text(
-        "from torch import nn\nclass Net(nn.Sequential):\n    def __init__(self, width=4):\n        super().__init__(nn.Conv2d(3, width, 3))\n"
+        "from torch import nn\nclass Net(nn.Sequential):\n"
+        "    def __init__(self, width=4):\n        super().__init__(nn.Conv2d(3, width, 3))\n"
     )
     assert (
         build_model("custom", 2, model_file=tmp_path / "net.py", model_class="Net", model_kwargs={"width": 6})[

@@ -26,7 +26,8 @@ def test_port_base_moves_the_server_the_tests_and_the_load_tests(monkeypatch, tm
         [
             sys.executable,
             "-c",
-            "from serving.load import runner, faults, worstcase, overload; print(runner.PORT_BASE, faults.PORT_BASE, worstcase.PORT_BASE, overload.PORT_BASE)",
+            "from serving.load import runner, faults, worstcase, overload; "
+            "print(runner.PORT_BASE, faults.PORT_BASE, worstcase.PORT_BASE, overload.PORT_BASE)",
         ],
         cwd=ROOT,
         env=dict(os.environ, PORT_BASE="9000"),

@@ -197,7 +197,8 @@ def test_the_page_shows_classes_and_the_explanation_of_a_photo(browser, page, ph
     assert " ms." in element(browser, "#status").text
     # The map: the response's size, coloured, with the salient box over the photo.
     width, height, opaque = browser.execute_script(
-        "const c = document.getElementById('map'); const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "const c = document.getElementById('map'); "
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
         "let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return [c.width, c.height, n];"
     )
     assert (width, height) == (224, 149) and 0 < opaque < width * height

@@ -234,7 +234,8 @@ def start(port_base: int | None, run_dir: Path, model: str) -> int:
     if running:
         if port_base is not None and running.inference_url != f"http://{HOST}:{port_base}":
             print(
-                f"error: TorchServe already runs from {run_dir} at {running.inference_url}, not at PORT_BASE={port_base}: "
+                f"error: TorchServe already runs from {run_dir} at {running.inference_url}, "
+                f"not at PORT_BASE={port_base}: "
                 "`make stop` first, or use its PORT_BASE",
                 file=sys.stderr,
             )
@@ -302,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port-base",
         type=int,
-        help="TorchServe's inference port N; the page is at N+3 (default: $PORT_BASE, else 8080 and config.properties' ports)",
+        help=(
+            "TorchServe's inference port N; the page is at N+3 "
+            "(default: $PORT_BASE, else 8080 and config.properties' ports)"
+        ),
     )
     parser.add_argument(
         "--run-dir", type=Path, default=torchserve.DEFAULT_RUN_DIR, help="TorchServe's run folder (its key_file.json)"

@@ -135,7 +135,8 @@ def restart(report: Path, users: int) -> bool:
     finally:
         ts_server.stop(RUN_DIR)
     print(
-        f"restart: stop took {stopped - down:.1f} s, down 5 s, start to READY {up - stopped - 5:.1f} s; users re-read the new keys"
+        f"restart: stop took {stopped - down:.1f} s, down 5 s, start to READY {up - stopped - 5:.1f} s; "
+        "users re-read the new keys"
     )
     return recovered(records(results), down, up)
 
@@ -157,11 +158,14 @@ def timeout(report: Path) -> bool:
         )
         elapsed = time.time() - started
         print(
-            f"timeout: original-size overlays of every stage of a {big.width} x {big.height} photo, limits lifted, responseTimeout 2 s: HTTP {slow.status_code} after {elapsed:.1f} s: {slow.text[:160]!r}"
+            f"timeout: original-size overlays of every stage of a {big.width} x {big.height} photo, "
+            f"limits lifted, responseTimeout 2 s: HTTP {slow.status_code} after {elapsed:.1f} s: "
+            f"{slow.text[:160]!r}"
         )
         ready = wait_for_new_worker(server, SLOW, before["pid"])
         print(
-            f"  the worker ({before['pid']}) was replaced; the new one was READY {ready - started:.1f} s after the request"
+            f"  the worker ({before['pid']}) was replaced; "
+            f"the new one was READY {ready - started:.1f} s after the request"
         )
         small = load_sizes()[2]
         follow = [
@@ -205,12 +209,15 @@ def soak(report: Path, users: int, minutes: float) -> bool:
     last = [m for t, _, m in samples if t >= samples[-1][0] - 60]
     growth = statistics.mean(last) - statistics.mean(warm)
     print(
-        f"soak: {minutes:g} min, {users} users, mix: {len(rows)} requests, {failures} failed, {len(rows) / duration:.1f} req/s, "
+        f"soak: {minutes:g} min, {users} users, mix: {len(rows)} requests, {failures} failed, "
+        f"{len(rows) / duration:.1f} req/s, "
         f"p50 {statistics.median(r['ms'] for r in rows):.0f} ms, p99 {percentile([r['ms'] for r in rows], 99):.0f} ms"
     )
     print(
-        f"  worker PIDs seen: {sorted(pids)}; RSS {samples[0][2]:.0f} MB at start, {statistics.mean(warm):.0f} MB in minute 2, "
-        f"{statistics.mean(last):.0f} MB in the last minute (change {growth:+.0f} MB), max {max(m for _, _, m in samples):.0f} MB"
+        f"  worker PIDs seen: {sorted(pids)}; RSS {samples[0][2]:.0f} MB at start, "
+        f"{statistics.mean(warm):.0f} MB in minute 2, "
+        f"{statistics.mean(last):.0f} MB in the last minute (change {growth:+.0f} MB), "
+        f"max {max(m for _, _, m in samples):.0f} MB"
     )
     return code == 0 and failures == 0 and len(pids) == 1
 

@@ -166,12 +166,14 @@ def measure(
 
 def line(row: dict) -> str:
     return (
-        f"{row['users']:>3} users: {row['requests']} requests, admitted {row['admitted']} ({row['admitted_per_s']:.1f}/s, "
+        f"{row['users']:>3} users: {row['requests']} requests, "
+        f"admitted {row['admitted']} ({row['admitted_per_s']:.1f}/s, "
         f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms), 503 {row['rejected_share']:.1%} "
         f"(p50 {_ms(row['rejected_p50_ms'])} ms, p99 {_ms(row['rejected_p99_ms'])} ms), "
         f"other 5xx {row['other_5xx']}, other failures {row['other_failures']}, "
         f"worker {'REPLACED ' + str(row['worker_pids_after']) if row['worker_replaced'] else 'unchanged'}, "
-        f"CPU s/s: TorchServe {row['server_cpu_per_s']:.2f}, Locust {row['locust_cpu_per_s']:.2f}, others {row['others_cpu_per_s']:.2f}"
+        f"CPU s/s: TorchServe {row['server_cpu_per_s']:.2f}, Locust {row['locust_cpu_per_s']:.2f}, "
+        f"others {row['others_cpu_per_s']:.2f}"
     )
 
 
@@ -183,17 +185,21 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Overload",
         "",
-        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+        f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores; "
+        f"`{' '.join([Path(sys.executable).name, *sys.argv])}`",
         f"One worker, batch size 8, max batch delay 5 ms; Locust `explain` (raw photos, both maps), closed loop, "
-        f"no retry, {args.pause_after_503:g} s pause after a 503; {args.seconds} s per phase after a {args.warmup} s warm-up. "
+        f"no retry, {args.pause_after_503:g} s pause after a 503; "
+        f"{args.seconds} s per phase after a {args.warmup} s warm-up. "
         "Latency and throughput of admitted requests (200); rejected: share of all requests.",
         "",
-        "| job_queue_size | users | p50 ms | p99 ms | admitted req/s | rejected 503 | 503 p50 / p99 ms | other 5xx | other failures | worker replaced | CPU s/s: TorchServe, Locust, others |",
+        "| job_queue_size | users | p50 ms | p99 ms | admitted req/s | rejected 503 | 503 p50 / p99 ms "
+        "| other 5xx | other failures | worker replaced | CPU s/s: TorchServe, Locust, others |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['queue']} | {r['users']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['admitted_per_s']:.1f} | {r['rejected_share']:.1%} "
+            f"| {r['queue']} | {r['users']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+            f"| {r['admitted_per_s']:.1f} | {r['rejected_share']:.1%} "
             f"| {_ms(r['rejected_p50_ms'])} / {_ms(r['rejected_p99_ms'])} "
             f"| {r['other_5xx']} | {r['other_failures']} | {'yes' if r['worker_replaced'] else 'no'} "
             f"| {r['server_cpu_per_s']:.2f}, {r['locust_cpu_per_s']:.2f}, {r['others_cpu_per_s']:.2f} |"
@@ -202,7 +208,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The overload run ``loadtest/overload.py`` asks for with its flags ``args``: 0, or 1 on failures other than 503 or a replaced worker."""
+    """The overload run ``loadtest/overload.py`` asks for with its flags ``args``.
+
+    Returns 0, or 1 on failures other than 503 or a replaced worker.
+    """
     # SIGTERM (and SIGINT, which a background job ignores) unwind like Ctrl-C: the server is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)

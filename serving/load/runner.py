@@ -70,7 +70,8 @@ def build_archives(store: Path, batch_size: int, max_batch_delay: int, workers: 
     labels.write_text(json.dumps({str(i): name for i, name in enumerate(imagenet_labels())}))
     config = stage / "model-config.yaml"
     config.write_text(
-        f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\nmaxBatchDelay: {max_batch_delay}\nresponseTimeout: 120\n"
+        f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch_size}\n"
+        f"maxBatchDelay: {max_batch_delay}\nresponseTimeout: 120\n"
     )
     subprocess.run(
         [
@@ -217,8 +218,10 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
     lines = [
         "# Load test report",
         "",
-        f"Machine: {os.cpu_count()} CPU cores. Server: TorchServe, {args.workers} worker(s) per model, batch size {args.batch_size}, "
-        f"max batch delay {args.max_batch_delay} ms, PyTorch threads per worker: {args.torch_threads or 'PyTorch default'}. "
+        f"Machine: {os.cpu_count()} CPU cores. Server: TorchServe, {args.workers} worker(s) per model, "
+        f"batch size {args.batch_size}, "
+        f"max batch delay {args.max_batch_delay} ms, "
+        f"PyTorch threads per worker: {args.torch_threads or 'PyTorch default'}. "
         "Client: Locust on the same machine, closed loop (no wait).",
         "",
         "| phase | requests | failures | requests/s | p50 ms | p95 ms | p99 ms | mean response bytes |",
@@ -229,7 +232,8 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
         if scenario in summary:
             s = summary[scenario]
             lines.append(
-                f"| {labels[scenario]} | {s['requests']} | {s['failures']} | {s['rps']:.2f} | {s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | {s['mean_bytes']:.0f} |"
+                f"| {labels[scenario]} | {s['requests']} | {s['failures']} | {s['rps']:.2f} "
+                f"| {s['p50']:.0f} | {s['p95']:.0f} | {s['p99']:.0f} | {s['mean_bytes']:.0f} |"
             )
     retried = {scenario: s["retried_503"] for scenario, s in summary.items() if s.get("retried_503")}
     if retried:
@@ -248,12 +252,14 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
         if "noexplain" in summary:
             c = summary["noexplain"]
             lines.append(
-                f"- ours with explanations vs ours without: p50 {b['p50'] / c['p50']:.3f}x, throughput {b['rps'] / c['rps']:.3f}x"
+                f"- ours with explanations vs ours without: p50 {b['p50'] / c['p50']:.3f}x, "
+                f"throughput {b['rps'] / c['rps']:.3f}x"
             )
         if "stock-explain" in summary:
             d = summary["stock-explain"]
             lines.append(
-                f"- stock /explanations (IG) p50 vs stock prediction p50: {d['p50'] / a['p50']:.1f}x, {d['mean_bytes'] / 1e6:.1f} MB per response"
+                f"- stock /explanations (IG) p50 vs stock prediction p50: {d['p50'] / a['p50']:.1f}x, "
+                f"{d['mean_bytes'] / 1e6:.1f} MB per response"
             )
     text = "\n".join(lines) + "\n"
     (report_dir / "summary.md").write_text(text)

@@ -95,7 +95,8 @@ def write_report(sizes: list[dict], users: dict[int, dict], report_dir: Path) ->
     for n, summary in users.items():
         a, b = summary["stock"], summary["explain"]
         lines.append(
-            f"| {n} | {a['rps']:.1f} | {b['rps']:.1f} | {b['rps'] / a['rps']:.2f} | {a['p50']:.0f} | {b['p50']:.0f} | {a['p95']:.0f} | {b['p95']:.0f} |"
+            f"| {n} | {a['rps']:.1f} | {b['rps']:.1f} | {b['rps'] / a['rps']:.2f} "
+            f"| {a['p50']:.0f} | {b['p50']:.0f} | {a['p95']:.0f} | {b['p95']:.0f} |"
         )
     (report_dir / "scaling.md").write_text("\n".join(lines) + "\n")
 

@@ -195,7 +195,10 @@ def send_copies(server: ts_server.Server, worker: Worker, payload: dict, copies:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The worst-case run ``loadtest/worstcase.py`` asks for with its flags ``args``: 0 if every case stays within budget, else 1."""
+    """The worst-case run ``loadtest/worstcase.py`` asks for with its flags ``args``.
+
+    Returns 0 if every case stays within budget, else 1.
+    """
 
     store, run_dir = BUILD / "model_store", BUILD / "server"
     try:
@@ -218,7 +221,10 @@ def run(args: argparse.Namespace) -> int:
         worker = Worker(server)
         send(server, {"image": base64.b64encode(made["jpeg"]).decode("ascii"), "explanations": []})  # warm up
         print(f"\nlimits: {limits}\nworker {worker.pid}, RSS {worker.reset_peak():.0f} MB after one request\n")
-        header = f"| {'request':<38} | {'alone: status':>13} | {'s':>5} | {'extra MB':>8} | {'answer MB':>9} | {f'batch of {args.batch}: statuses':>22} | {'s':>5} | {'peak RSS MB':>11} |"
+        header = (
+            f"| {'request':<38} | {'alone: status':>13} | {'s':>5} | {'extra MB':>8} | {'answer MB':>9} "
+            f"| {f'batch of {args.batch}: statuses':>22} | {'s':>5} | {'peak RSS MB':>11} |"
+        )
         print(header)
         print("|" + "|".join("-" * (len(part)) for part in header.split("|")[1:-1]) + "|")
         for case in worst:
@@ -227,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
             batch = send_copies(server, worker, payload, args.batch)
             statuses = ",".join(str(s) for s in sorted(set(batch.statuses)))
             print(
-                f"| {case.name:<38} | {alone.statuses[0]:>13} | {alone.seconds:5.2f} | {alone.extra_mb:8.0f} | {alone.response_bytes / 1e6:9.2f} "
+                f"| {case.name:<38} | {alone.statuses[0]:>13} | {alone.seconds:5.2f} | {alone.extra_mb:8.0f} "
+                f"| {alone.response_bytes / 1e6:9.2f} "
                 f"| {statuses:>22} | {batch.seconds:5.2f} | {batch.rss_mb:11.0f} |",
                 flush=True,
             )
