@@ -47,7 +47,7 @@ from handler.explainer import Explainer, Result
 from handler.imaging import CropGeometry
 from handler.loading import load_archive, make_explainer
 from handler.models import EFFICIENTNET_LITE0, build_model, imagenet_labels, torchvision_classifiers
-from handler.options import MIN_MAP_SIZE, parse_request
+from handler.options import MIN_MAP_SIZE
 
 # ---------------------------------------------------------------------------------------
 # Ground truth: which ImageNet classes count as a right answer for the default photos.
@@ -669,7 +669,6 @@ def map_size_for(image: Image.Image, explainer: Explainer, panel: int) -> int:
 
 def explain_stages(explainer: Explainer, images: list[tuple[str, bytes]], panel: int) -> list[Result]:
     """One batch through the handler's path: each image with "stages": true, overlays only."""
-    config = explainer.config
     requests = []
     for _, data in images:
         try:
@@ -682,17 +681,7 @@ def explain_stages(explainer: Explainer, images: list[tuple[str, bytes]], panel:
                 "map_size": str(map_size_for(upright, explainer, panel)),
                 "stages": "true",
             }
-            requests.append(
-                parse_request(
-                    fields,
-                    content_type=None,
-                    defaults=config.defaults,
-                    limits=config.limits,
-                    num_classes=config.num_classes,
-                )
-            )
-        except RequestError as error:
-            requests.append(error)
+            requests.append(explainer.parse(fields))
         except Exception as exc:  # Pillow could not even open it: let the explainer say why
             requests.append(RequestError(f"the data is not an image Pillow reads: {exc}"))
     return explainer.run(requests)

@@ -37,7 +37,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 
 from handler.errors import RequestError, failure, internal_error
 from handler.explainer import Batch, Explainer, Inference, Result, Timings
-from handler.options import ParsedRequest, is_inference_tensor, parse_request
+from handler.options import ParsedRequest, is_inference_tensor
 
 if TYPE_CHECKING:
     from ts.context import Context
@@ -88,22 +88,10 @@ class DVEHandler:
         """Parses each request's image and options, then decodes and crops every image into
         one input tensor on the model's device; a bad request becomes its own error."""
         explainer = self.ready_explainer
-        config = explainer.config
         parsed: list[ParsedRequest | RequestError] = []
         for idx, request in enumerate(data):
             try:
-                parsed.append(
-                    parse_request(
-                        request,
-                        content_type=_body_content_type(context, idx, request),
-                        defaults=config.defaults,
-                        limits=config.limits,
-                        num_classes=config.num_classes,
-                        labels=explainer.labels,
-                    )
-                )
-            except RequestError as error:
-                parsed.append(error)
+                parsed.append(explainer.parse(request, _body_content_type(context, idx, request)))
             except Exception:  # a bug must fail its own request only
                 parsed.append(internal_error("parsing a request"))
         return explainer.preprocess(parsed)

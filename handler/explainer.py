@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from handler.config import ServingConfig
 from handler.errors import RequestError, failure
 from handler.layers import FeatureCapture, Stage, StageCapture, find_classifier, find_stages, resolve_feature_layer
 from handler.models import CUSTOM, build_model, imagenet_labels, load_weights, read_labels
-from handler.options import ParsedRequest, RequestOptions
+from handler.options import ParsedRequest, RequestOptions, parse_request
 
 logger = logging.getLogger(__name__)
 LABELS_FILE = "index_to_name.json"  # TorchServe's name for an archive's labels
@@ -219,6 +220,22 @@ class Explainer:
             device=device,
             model_file=model_dir / model_file if model_file else None,
         )
+
+    def parse(self, request: Mapping[str, Any], content_type: str | None = None) -> ParsedRequest | RequestError:
+        """A request's image and options (``handler.options``) under this archive's defaults,
+        limits and labels, or its own 4xx: what the handler and the offline tools both read."""
+        config = self.config
+        try:
+            return parse_request(
+                request,
+                content_type=content_type,
+                defaults=config.defaults,
+                limits=config.limits,
+                num_classes=config.num_classes,
+                labels=self.labels,
+            )
+        except RequestError as error:
+            return error
 
     def prepare(self, request: ParsedRequest) -> PreparedImage:
         """Checks one request's cost from its image header, then decodes and crops it with

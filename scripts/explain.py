@@ -20,9 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from handler.errors import RequestError
 from handler.loading import DEVICES, choose_device, load_archive
-from handler.options import parse_request
 from serving.client import save_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = choose_device(args.device)
     explainer = load_archive(args.archive, device)
-    config = explainer.config
     args.out.mkdir(parents=True, exist_ok=True)
     failed = 0
     for path in args.images:
@@ -53,17 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "map_size": args.map_size,
             "explanations": args.explanations,
         }
-        try:
-            request = parse_request(
-                fields,
-                content_type=None,
-                defaults=config.defaults,
-                limits=config.limits,
-                num_classes=config.num_classes,
-            )
-        except RequestError as error:
-            request = error
-        (result,) = explainer.run([request])
+        (result,) = explainer.run([explainer.parse(fields)])
         (args.out / f"{path.stem}.json").write_bytes(result.to_bytes())
         if result.status != 200:
             print(f"{path}: HTTP {result.status}: {result.body['message']}")

@@ -284,16 +284,16 @@ def test_any_input_gets_one_answer_per_request_and_never_fails_the_batch(service
 
 
 def test_a_bug_while_parsing_fails_its_own_request_only(service, photos, monkeypatch):
-    from handler import dve_handler
+    from handler import explainer
 
-    parse = dve_handler.parse_request
+    parse = explainer.parse_request
 
     def buggy(request, **kwargs):
         if request.get("body") == bytearray(b"boom"):
             raise KeyError("a bug")
         return parse(request, **kwargs)
 
-    monkeypatch.setattr(dve_handler, "parse_request", buggy)
+    monkeypatch.setattr(explainer, "parse_request", buggy)
     batch = [
         encode_request("bug", [("body", "image/jpeg", b"boom")]),
         encode_request("ok", [("body", "image/jpeg", photos["coffee"])]),
