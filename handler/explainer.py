@@ -466,11 +466,12 @@ class Explainer:
                 )
                 owners.append((b, "stage", s))
         pictures: list[np.ndarray | bytes | Exception] = list(rendering.draw(drawings))
-        to_encode = [
-            i for i, (d, p) in enumerate(zip(drawings, pictures)) if d.format != "array" and isinstance(p, np.ndarray)
-        ]
-        arrays = [picture for i in to_encode if isinstance(picture := pictures[i], np.ndarray)]
-        for i, encoded in zip(to_encode, rendering.encode_pngs(arrays)):
+        to_encode = {
+            i: picture
+            for i, (drawing, picture) in enumerate(zip(drawings, pictures))
+            if drawing.format != "array" and isinstance(picture, np.ndarray)
+        }
+        for i, encoded in zip(to_encode, rendering.encode_pngs(list(to_encode.values()))):
             pictures[i] = encoded
         entries: list[dict[tuple[str, int | None], dict[str, Any]]] = [{} for _ in batch]
         problems: dict[int, Exception] = {}
