@@ -35,14 +35,17 @@ def choose_device(name: str = "auto") -> torch.device:
 
 
 def load_archive(archive: Path, device: torch.device) -> Explainer:
-    """Extracts a .mar and builds the explainer a worker would build from it."""
-    folder = Path(tempfile.mkdtemp(prefix="explain_"))
-    with zipfile.ZipFile(archive) as mar:
-        mar.extractall(folder)
-    manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
-    config_file = folder / manifest.get("configFile", "model-config.yaml")
-    model_yaml = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
-    return Explainer.from_model_dir(folder, manifest, model_yaml, device)
+    """Extracts a .mar and builds the explainer a worker would build from it.
+
+    The extracted copy is removed once the weights, labels and model code are in memory."""
+    with tempfile.TemporaryDirectory(prefix="explain_") as extracted:
+        folder = Path(extracted)
+        with zipfile.ZipFile(archive) as mar:
+            mar.extractall(folder)
+        manifest = json.loads((folder / "MAR-INF" / "MANIFEST.json").read_text())["model"]
+        config_file = folder / manifest.get("configFile", "model-config.yaml")
+        model_yaml = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
+        return Explainer.from_model_dir(folder, manifest, model_yaml, device)
 
 
 def make_explainer(name: str, device: torch.device) -> Explainer:

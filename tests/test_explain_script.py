@@ -9,7 +9,10 @@ import requests
 from tests.conftest import cli
 
 
-def test_offline_answer_equals_the_served_one(server, model_store, photos, tmp_path):
+def test_offline_answer_equals_the_served_one(server, model_store, photos, tmp_path, monkeypatch):
+    scratch = tmp_path / "scratch"  # the command's TMPDIR: the archive is extracted there
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
     image = tmp_path / "chelsea.jpg"
     image.write_bytes(photos["chelsea"])
     bad = tmp_path / "notes.jpg"
@@ -26,6 +29,7 @@ def test_offline_answer_equals_the_served_one(server, model_store, photos, tmp_p
         "cpu",
     )
     assert code == 1  # one of the two files is no image
+    assert list(scratch.iterdir()) == []  # the extracted archive (19 MB) is not left behind
     offline = json.loads((tmp_path / "out" / "chelsea.json").read_text())
     served = requests.post(
         f"{server.inference_url}/predictions/efficientnet_lite0",
