@@ -127,7 +127,7 @@ def band_product(x: torch.Tensor, sigma_low: float, sigma_high: float, method: s
     pixels = height * width
     if method == "auto":
         method = "matrix" if pixels <= MATRIX_MAX_PIXELS else "fft"
-    x = x.float()
+    x = _float(x)
     if method == "fft":
         bands = _fourier_filter(x, _band_filters(height, width, sigma_low, sigma_high, x.device))
         return bands[..., 0, :, :] * bands[..., 1, :, :]
@@ -166,16 +166,29 @@ def _band_operator(height: int, width: int, sigma_low: float, sigma_high: float,
     return bands.reshape(pixels, 2 * pixels).contiguous()
 
 
+@functools.lru_cache(maxsize=32)
+def _band_operator_t(
+    height: int, width: int, sigma_low: float, sigma_high: float, device: torch.device
+) -> torch.Tensor:
+    """``_band_operator`` transposed (2hw x hw), stored contiguous: for feature maps whose
+    channels are the last axis."""
+    return _band_operator(height, width, sigma_low, sigma_high, device).T.contiguous()
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32 (itself if it is: at a batch of one, every skipped operation counts)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def noise_filter(s: torch.Tensor, params: DVEParams) -> torch.Tensor:
     """The noise filter ``psi`` on a batch of maps (B x h x w): zero what lies below tau."""
     if params.psi == "none":
         return s
-    flat = s.flatten(1)
     if params.psi == "mean":
-        tau = flat.mean(dim=1)
+        tau = s.mean(dim=(1, 2), keepdim=True)
     else:
-        tau = torch.quantile(flat, params.psi_quantile, dim=1)
-    return torch.where(s >= tau[:, None, None], s, torch.zeros_like(s))
+        tau = torch.quantile(s.flatten(1), params.psi_quantile, dim=1)[:, None, None]
+    return torch.where(s >= tau, s, 0.0)
 
 
 def dve(
@@ -223,15 +236,15 @@ def _summed_band_product(x: torch.Tensor, params: DVEParams, channel_weights: to
     if pixels <= MATRIX_MAX_PIXELS and x.permute(0, 2, 3, 1).is_contiguous():
         # Channels-last maps (as many CPU-optimised models hand them over): the same band
         # operator, applied along the spatial axis of a view, instead of copying every map.
-        operator = _band_operator(height, width, float(params.sigma_low), float(params.sigma_high), x.device)
-        bands = operator.T @ x.float().permute(0, 2, 3, 1).reshape(batch, pixels, channels)  # B x 2hw x C
+        operator_t = _band_operator_t(height, width, float(params.sigma_low), float(params.sigma_high), x.device)
+        bands = operator_t @ _float(x).permute(0, 2, 3, 1).reshape(batch, pixels, channels)  # B x 2hw x C
         products = bands[:, :pixels] * bands[:, pixels:]
-        if channel_weights is not None:
-            products = products * channel_weights.float()[:, None, :]
+        if channel_weights is not None:  # the weighted sum over channels as one product
+            return (products @ _float(channel_weights)[:, :, None]).reshape(batch, height, width)
         return products.sum(dim=2).reshape(batch, height, width)
-    products = band_product(x.float(), params.sigma_low, params.sigma_high)
+    products = band_product(x, params.sigma_low, params.sigma_high)
     if channel_weights is not None:
-        products = products * channel_weights.float()[:, :, None, None]
+        products = products * _float(channel_weights)[:, :, None, None]
     return products.sum(dim=1)
 
 
@@ -246,8 +259,8 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     A map with no positive value stays all zero rather than dividing by zero.
     """
     positive = maps.clamp_min(0)
-    peak = positive.flatten(1).amax(dim=1).clamp_min(torch.finfo(positive.dtype).tiny)
-    return positive / peak[:, None, None]
+    peak = positive.amax(dim=(1, 2), keepdim=True).clamp_min_(torch.finfo(positive.dtype).tiny)
+    return positive.div_(peak)
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -263,7 +276,7 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return maps
     rows = _bicubic_operator(height, size[0], maps.device)
     columns = _bicubic_operator(width, size[1], maps.device)
-    return (rows @ maps.float() @ columns.T).clamp_(0.0, 1.0)
+    return (rows @ _float(maps) @ columns.T).clamp_(0.0, 1.0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -287,13 +300,16 @@ def salient_boxes(maps: torch.Tensor, threshold: float) -> tuple[torch.Tensor, t
         with exclusive ends; ``valid`` is False for a map with no positive value.
     """
     height, width = maps.shape[-2:]
-    peak = maps.flatten(1).amax(dim=1)
-    valid = peak > 0
-    level = (threshold * peak)[:, None]
     # A column (row) holds a pixel at or above the level exactly when its maximum does:
-    # two reductions instead of a full-size mask.
-    cols = ((maps.amax(dim=1) >= level) & valid[:, None]).to(torch.uint8)  # B x W
-    rows = ((maps.amax(dim=2) >= level) & valid[:, None]).to(torch.uint8)  # B x H
+    # two reductions of the map, then the rest on those profiles.
+    column_peaks = maps.amax(dim=1)  # B x W
+    row_peaks = maps.amax(dim=2)  # B x H
+    peak = column_peaks.amax(dim=1, keepdim=True)
+    valid = peak[:, 0] > 0
+    # An empty map's level lies above all of it: no column or row, the whole map as its box.
+    level = (threshold * peak).clamp_min_(torch.finfo(maps.dtype).tiny)
+    cols = (column_peaks >= level).to(torch.uint8)
+    rows = (row_peaks >= level).to(torch.uint8)
     x0 = cols.argmax(dim=1)
     x1 = width - cols.flip(1).argmax(dim=1)
     y0 = rows.argmax(dim=1)
@@ -331,7 +347,8 @@ def explain(
     the targeted maps upsampled to it. ``channel_weights``: see ``dve``.
     """
     raw = dve(features, params, input_size, channel_weights)
-    dve_maps = normalize_maps(raw)
-    targeted_maps = normalize_maps(targeted_dve(raw, params))
+    # Both kinds of map normalised by one call: at a batch of one, operations cost, not pixels.
+    both = normalize_maps(torch.cat([raw, targeted_dve(raw, params)]))
+    dve_maps, targeted_maps = both[: len(raw)], both[len(raw) :]
     boxes, valid = salient_boxes(upsample_maps(targeted_maps, input_size), params.box_threshold)
     return Explanation(dve=dve_maps, targeted=targeted_maps, boxes=boxes, box_valid=valid)

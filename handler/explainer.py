@@ -399,6 +399,9 @@ class Explainer:
         except Exception as error:  # the batch's shared work failed: its requests, not the worker
             return failure(error, "answering a batch")
 
+    # Without autograd's bookkeeping: each of the many small operations of a batch of one
+    # costs less (about 8 % of DVE's time on a CPU).
+    @torch.inference_mode()
     def _infer(self, batch: list[PreparedImage], pixels: torch.Tensor) -> Inference:
         start = time.perf_counter()
         staged = [b for b, item in enumerate(batch) if item.options.stages]
@@ -423,8 +426,9 @@ class Explainer:
             explanation = self._explain(
                 features, self.config.dve, self.input_size, self._channel_weights(batch, features, classes)
             )
-            boxes = explanation.boxes.cpu().tolist()
-            box_valid = explanation.box_valid.cpu().tolist()
+            boxes_and_validity = torch.cat([explanation.boxes, explanation.box_valid[:, None]], dim=1).tolist()
+            boxes = [row[:4] for row in boxes_and_validity]
+            box_valid = [bool(row[4]) for row in boxes_and_validity]
         stage_maps = self._stage_maps(stage_features, staged)
         _sync(self.device)
         self.timings.dve = _ms_since(start)
@@ -447,6 +451,7 @@ class Explainer:
         self.timings.encode = _ms_since(start)
         return results  # type: ignore[return-value]
 
+    @torch.inference_mode()
     def _answers(self, batch: list[PreparedImage], inference: Inference) -> list[Result]:
         drawings: list[rendering.Drawing] = []
         owners: list[tuple[int, str, int | None]] = []  # (row, explanation name or "stage", stage index)
@@ -538,10 +543,12 @@ class Explainer:
         rows = [b for b, item in enumerate(batch) if item.options.class_conditional]
         if not rows:
             return None
-        weights = torch.ones(features.shape[:2], device=features.device)
-        chosen = torch.tensor([classes[b] for b in rows], device=features.device)
         assert self.classifier is not None  # admit() refused class-conditional requests without one
-        weights[torch.tensor(rows, device=features.device)] = self.classifier.weight.detach()[chosen].float()
+        chosen = self.classifier.weight.detach()[torch.tensor([classes[b] for b in rows], device=features.device)]
+        if len(rows) == len(batch):
+            return chosen.float()
+        weights = torch.ones(features.shape[:2], device=features.device)
+        weights[torch.tensor(rows, device=features.device)] = chosen.float()
         return weights
 
     def _stage_maps(self, stage_features: list[torch.Tensor], staged: list[int]) -> dict[int, list[torch.Tensor]]:

@@ -100,16 +100,12 @@ def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device:
     sizes (a camera's, a client's resize) again and again, and computing them costs more
     than the drawing itself at batch 1.
     """
-    if out_n * n_in <= CACHED_WEIGHTS_MAX_VALUES:
-        weights = np.stack(
-            [
-                _cached_axis_weights(out_n, float(full), float(start), float(side), n_in)
-                for full, start, side in geometry
-            ]
-        )
-    else:
-        weights = _axis_weights(out_n, geometry, n_in)
-    return torch.from_numpy(weights).to(device, non_blocking=True)
+    if out_n * n_in > CACHED_WEIGHTS_MAX_VALUES:
+        return torch.from_numpy(_axis_weights(out_n, geometry, n_in)).to(device, non_blocking=True)
+    axes = [(float(full), float(start), float(side)) for full, start, side in geometry]
+    if len(set(axes)) == 1:  # one photo's maps (or photos of one size): one matrix for all
+        return _cached_axis_weights(out_n, *axes[0], n_in, device)[None].expand(len(axes), -1, -1)
+    return torch.stack([_cached_axis_weights(out_n, *axis, n_in, device) for axis in axes])
 
 
 # At most 256 cached axes of at most 16,384 weights: 16 MB.
@@ -117,10 +113,11 @@ CACHED_WEIGHTS_MAX_VALUES = 16_384
 
 
 @lru_cache(maxsize=256)
-def _cached_axis_weights(out_n: int, full: float, start: float, side: float, n_in: int) -> np.ndarray:
-    weights: np.ndarray = _axis_weights(out_n, np.array([[full, start, side]]), n_in)[0]
-    weights.setflags(write=False)  # shared by every later caller
-    return weights
+def _cached_axis_weights(
+    out_n: int, full: float, start: float, side: float, n_in: int, device: torch.device
+) -> torch.Tensor:
+    """One axis's weights on ``device``, shared by every later caller (never written to)."""
+    return torch.from_numpy(_axis_weights(out_n, np.array([[full, start, side]]), n_in)[0]).to(device)
 
 
 def _axis_weights(out_n: int, geometry: np.ndarray, n_in: int) -> np.ndarray:
@@ -143,9 +140,10 @@ def _axis_weights(out_n: int, geometry: np.ndarray, n_in: int) -> np.ndarray:
     return np.asarray(weights, dtype=np.float32)
 
 
-def to_uint8(map01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] values as uint8 levels, on their device."""
-    return (map01 * 255.0 + 0.5).to(torch.uint8)
+def to_uint8(map01: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """[0, 1] values as uint8 levels, on their device (``in_place``: scaling ``map01`` itself)."""
+    scaled = map01.mul_(255.0) if in_place else map01 * 255.0
+    return scaled.add_(0.5).to(torch.uint8)
 
 
 @lru_cache(maxsize=8)
@@ -234,12 +232,14 @@ def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[
         chosen = [k for k, d in enumerate(group) if d.format == fmt]
         if not chosen:
             continue
+        # Either every picture of the group has this format, or indexing made a copy: the
+        # floats picked are this format's alone, so they are scaled in place.
         picked = pictures if len(chosen) == len(group) else pictures[chosen]
         if fmt == "png":
-            picked = to_uint8(picked)
+            picked = to_uint8(picked, in_place=True)
         elif fmt == "overlay":
             photos = torch.stack([group[k].photo for k in chosen]).to(device, non_blocking=True)  # type: ignore[misc]
-            picked = blend(to_uint8(picked), photos)
+            picked = blend(to_uint8(picked, in_place=True), photos)
         blocks.append(([members[k] for k in chosen], picked))
     return blocks
 
@@ -247,7 +247,11 @@ def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[
 def _to_host(
     count: int, blocks: list[tuple[list[int], torch.Tensor]], failed: dict[int, Exception]
 ) -> list[np.ndarray | Exception]:
-    """One device-to-host copy for every drawn map: the blocks' bytes, concatenated, 4-byte aligned."""
+    """One device-to-host copy for every drawn map: the blocks' bytes, concatenated, 4-byte aligned.
+
+    Blocks already on the host are read where they lie (nothing to copy on a CPU)."""
+    if all(block.device.type == "cpu" for _, block in blocks):
+        return _split(count, [(members, _host_values(block.numpy())) for members, block in blocks], failed)
     pieces, offsets, position = [], [], 0
     for _, block in blocks:
         data = block.contiguous().view(-1).view(torch.uint8)
@@ -256,14 +260,25 @@ def _to_host(
         offsets.append(position)
         position += data.numel() + pad
     host = torch.cat(pieces).cpu().numpy() if pieces else np.empty(0, dtype=np.uint8)
-    results: list[np.ndarray | Exception] = [failed.get(i, RuntimeError("not drawn")) for i in range(count)]
+    arrays = []
     for (members, block), offset in zip(blocks, offsets):
         raw = host[offset : offset + block.numel() * block.element_size()]
-        values: np.ndarray
-        if block.dtype == torch.float32:
-            values = raw.view(np.float32).reshape(block.shape).astype(np.float64).round(ARRAY_DECIMALS)
-        else:
-            values = raw.reshape(block.shape)
+        dtype = np.float32 if block.dtype == torch.float32 else np.uint8
+        arrays.append((members, _host_values(raw.view(dtype).reshape(block.shape))))
+    return _split(count, arrays, failed)
+
+
+def _host_values(values: np.ndarray) -> np.ndarray:
+    """Float maps as float64 rounded to ``ARRAY_DECIMALS``; uint8 pictures as they are."""
+    return values.astype(np.float64).round(ARRAY_DECIMALS) if values.dtype == np.float32 else values
+
+
+def _split(
+    count: int, arrays: list[tuple[list[int], np.ndarray]], failed: dict[int, Exception]
+) -> list[np.ndarray | Exception]:
+    """Each drawing's picture from the stacked blocks, or its error."""
+    results: list[np.ndarray | Exception] = [failed.get(i, RuntimeError("not drawn")) for i in range(count)]
+    for members, values in arrays:
         for i, picture in zip(members, values):
             results[i] = picture
     return results
