@@ -10,7 +10,7 @@ weights are exactly ``grid_sample``'s (bicubic, border padding, ``align_corners=
 are drawn by one batched matrix product whatever their photos' geometry, quantised to
 8 bits and, for overlays, coloured and blended with the photo, all on the device; then
 the whole batch comes to the host in one copy. ``encode_pngs`` compresses the results on
-a thread pool (zlib releases the GIL), one PNG per map.
+a thread pool (the deflate libraries release the GIL), one PNG per map.
 """
 
 from __future__ import annotations
