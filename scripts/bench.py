@@ -14,16 +14,10 @@ import os
 import sys
 from pathlib import Path
 
-from serving.server import WORKER_ENVIRONMENT
+import torch
 
-# The environment the server's workers run in (OpenMP's wait policy is read when torch loads).
-for name, value in WORKER_ENVIRONMENT.items():
-    os.environ.setdefault(name, value)
-
-import torch  # noqa: E402
-
-from handler.loading import DEVICES, choose_device  # noqa: E402
-from serving import bench  # noqa: E402
+from handler.loading import DEVICES, choose_device
+from serving import bench
 
 ROOT = Path(__file__).resolve().parent.parent
 

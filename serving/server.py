@@ -166,17 +166,8 @@ def _torchserve() -> str:
     return found
 
 
-# What every worker's environment gets unless the caller's sets it. PyTorch's OpenMP threads
-# otherwise spin for milliseconds after each parallel region: on a machine whose cores the
-# frontend, the clients or other work also need, that burns a core while the worker decodes,
-# draws and encodes on one thread (measured on 2 cores: 49 -> 34 ms of CPU per image at
-# batch 1, and 14-17 % more requests/s served for every handler; docs/performance.md).
-# Read when PyTorch loads, so it must be in the environment before the worker starts.
-WORKER_ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
 def _environment(run_dir: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**WORKER_ENVIRONMENT, **os.environ, **(extra or {})}
+    env = dict(os.environ, **(extra or {}))
     # TEMP holds the PID file: one per run folder, so servers do not see each other.
     env.update(TEMP=str(run_dir), LOG_LOCATION=str(run_dir / "logs"), METRICS_LOCATION=str(run_dir / "logs"))
     return env

@@ -305,13 +305,3 @@ def test_target_on_request_by_index_and_by_label(server, photos):
     )
     refused = post(server, "vgg16", json={"image": chelsea, "target": 281})
     assert refused.status_code == 400 and refused.json()["message"].startswith("target needs a linear classifier")
-
-
-def test_workers_threads_sleep_when_idle(server):
-    """The server we start gives its workers OMP_WAIT_POLICY=PASSIVE (serving/server.py):
-    idle PyTorch threads that spin steal the cores the frontend and the clients need."""
-    pids = worker_pids(server, "efficientnet_lite0")
-    assert pids
-    for pid in pids:
-        with open(f"/proc/{pid}/environ", "rb") as environ:
-            assert b"OMP_WAIT_POLICY=PASSIVE" in environ.read().split(b"\0")
