@@ -251,8 +251,10 @@ def throughput(device: torch.device, batch_sizes: list[int], photos: list[bytes]
     """Images/s of the whole worker path, raw JPEG bytes in, each request's response out.
 
     Each variant runs through TorchServe's own ``Service.predict`` (what a worker does
-    with a batch from the frontend), interleaved repetition by repetition. ``host ms``
-    is the process's CPU time per image: on a GPU, the work the host does per image.
+    with a batch from the frontend), interleaved repetition by repetition. Images/s
+    come from each variant's median time; ``x stock`` and ``x no maps`` are paired
+    ratios (``paired_ratio``). ``host ms`` is the process's CPU time per image: on a GPU,
+    the work the host does per image.
     """
     print(f"\nhandler throughput: raw JPEG requests through Service.predict, {device.type}")
     header = f"{'batch':>6}  {'variant':<24}{'images/s':>10}{'x stock':>9}{'x no maps':>11}{'host ms/img':>13}"
@@ -286,10 +288,20 @@ def throughput(device: torch.device, batch_sizes: list[int], photos: list[bytes]
             host_ms = statistics.median(cpus[variant]) * 1000.0 / batch_size
             print(
                 f"{batch_size:>6}  {variant:<24}{rate[variant]:>10.1f}"
-                f"{rate[variant] / rate['stock image_classifier']:>9.2f}"
-                f"{rate[variant] / rate['ours, no maps']:>11.2f}{host_ms:>13.2f}",
+                f"{paired_ratio(walls['stock image_classifier'], walls[variant]):>9.2f}"
+                f"{paired_ratio(walls['ours, no maps'], walls[variant]):>11.2f}{host_ms:>13.2f}",
                 flush=True,
             )
+
+
+def paired_ratio(reference: list[float], other: list[float]) -> float:
+    """How many times ``reference``'s time ``other``'s throughput is: the median over
+    repetitions of the ratio of the two times measured back to back in one repetition.
+
+    A shared machine's speed drifts within a run; each ratio compares two runs made
+    milliseconds apart, so the drift cancels, where a ratio of two medians keeps it.
+    """
+    return statistics.median(r / o for r, o in zip(reference, other))
 
 
 def dve_costs(
