@@ -8,7 +8,7 @@ import pytest
 
 from serving.load.checks import check_ours
 from serving.load.photos import load_mix
-from serving.load.runner import run_locust, seconds, summarize
+from serving.load.runner import paired_rounds, run_locust, seconds, summarize
 
 PHOTO = load_mix()[0]  # chelsea.jpg, 451 x 300
 
@@ -48,3 +48,20 @@ def test_a_short_locust_run_of_the_mix_has_no_failure(server, tmp_path):
     assert code == 0 and summary["requests"] >= 2 and summary["failures"] == 0, summary
     assert (tmp_path / "mix_stats.csv").exists()
     assert all(json.loads(line)["ok"] for line in results.read_text().splitlines())
+
+
+def test_rounds_are_compared_phase_by_phase(tmp_path):
+    """Each round's ratio comes from its own two phases, in the order they ran."""
+    header = "Type,Name,Request Count,Failure Count,Median Response Time,Requests/s,50%\n"
+    phases = [
+        ("stock", 30, 200),
+        ("explain", 20, 150),
+        ("noexplain", 25, 100),
+        ("explain", 40, 120),
+        ("noexplain", 40, 120),
+    ]
+    for i, (scenario, rps, p50) in enumerate(phases):
+        rows = f"POST,x,1,0,{p50},{rps},{p50}\n,Aggregated,1,0,{p50},{rps},{p50}\n"
+        (tmp_path / f"{i:02d}-{scenario}_stats.csv").write_text(header + rows)
+        (tmp_path / f"{i:02d}-{scenario}_stats_history.csv").write_text(header)  # not a phase's totals
+    assert paired_rounds(tmp_path, "explain", "noexplain") == [(0.8, 1.5), (1.0, 1.0)]

@@ -13,6 +13,7 @@ import csv
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -185,6 +186,26 @@ def summarize(results: Path, durations: dict[str, int]) -> dict[str, dict]:
     return summary
 
 
+def paired_rounds(report_dir: Path, first: str, second: str) -> list[tuple[float, float]]:
+    """Per compare round: ``first``'s throughput and p50 latency over ``second``'s.
+
+    Read from Locust's statistics of each phase (``NN-<scenario>_stats.csv``); the two
+    phases of one round ran back to back, so a shared machine's drift over the whole
+    run, which moves every phase of a round alike, cancels in each ratio.
+    """
+    phases: dict[str, list[tuple[float, float]]] = {}
+    for path in sorted(report_dir.glob("*_stats.csv")):
+        scenario = path.name.removesuffix("_stats.csv").split("-", 1)[1]
+        with path.open() as f:
+            row = next((r for r in csv.DictReader(f) if r["Name"] == "Aggregated"), None)
+        if row is not None and row["50%"] not in ("N/A", ""):
+            phases.setdefault(scenario, []).append((float(row["Requests/s"]), float(row["50%"])))
+    return [
+        (rps / other_rps, p50 / other_p50)
+        for (rps, p50), (other_rps, other_p50) in zip(phases.get(first, []), phases.get(second, []))
+    ]
+
+
 def plot_history(history: Path, target: Path, title: str) -> None:
     """Latency percentiles and throughput over time from Locust's stats history."""
     import matplotlib
@@ -255,6 +276,14 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
                 f"- ours with explanations vs ours without: p50 {b['p50'] / c['p50']:.3f}x, "
                 f"throughput {b['rps'] / c['rps']:.3f}x"
             )
+            rounds = paired_rounds(report_dir, "explain", "noexplain")
+            if rounds:
+                lines.append(
+                    "- the same, round by round (throughput, p50): "
+                    + ", ".join(f"{rps:.2f}x/{p50:.2f}x" for rps, p50 in rounds)
+                    + f"; medians {statistics.median(r[0] for r in rounds):.3f}x"
+                    f"/{statistics.median(r[1] for r in rounds):.3f}x"
+                )
         if "stock-explain" in summary:
             d = summary["stock-explain"]
             lines.append(
