@@ -186,23 +186,28 @@ def summarize(results: Path, durations: dict[str, int]) -> dict[str, dict]:
     return summary
 
 
-def paired_rounds(report_dir: Path, first: str, second: str) -> list[tuple[float, float]]:
+def paired_rounds(results: Path, first: str, second: str) -> list[tuple[float, float]]:
     """Per compare round: ``first``'s throughput and p50 latency over ``second``'s.
 
-    Read from Locust's statistics of each phase (``NN-<scenario>_stats.csv``); the two
-    phases of one round ran back to back, so a shared machine's drift over the whole
-    run, which moves every phase of a round alike, cancels in each ratio.
+    Phases run one after another, so the answers in ``results`` (``requests.jsonl``) fall
+    into phases wherever their scenario changes. Compare phases last alike, so answers
+    counted are throughput. The two phases of one round ran back to back, so a shared
+    machine's drift over the whole run, which moves every phase of a round alike, cancels
+    in each ratio.
     """
-    phases: dict[str, list[tuple[float, float]]] = {}
-    for path in sorted(report_dir.glob("*_stats.csv")):
-        scenario = path.name.removesuffix("_stats.csv").split("-", 1)[1]
-        with path.open() as f:
-            row = next((r for r in csv.DictReader(f) if r["Name"] == "Aggregated"), None)
-        if row is not None and row["50%"] not in ("N/A", ""):
-            phases.setdefault(scenario, []).append((float(row["Requests/s"]), float(row["50%"])))
+    phases: dict[str, list[list[float]]] = {}
+    previous = None
+    for line in results.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("retried"):
+            continue
+        if record["scenario"] != previous:
+            phases.setdefault(record["scenario"], []).append([])
+            previous = record["scenario"]
+        phases[record["scenario"]][-1].append(record["ms"])
     return [
-        (rps / other_rps, p50 / other_p50)
-        for (rps, p50), (other_rps, other_p50) in zip(phases.get(first, []), phases.get(second, []))
+        (len(times) / len(other), percentile(times, 50) / percentile(other, 50))
+        for times, other in zip(phases.get(first, []), phases.get(second, []))
     ]
 
 
@@ -276,7 +281,7 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
                 f"- ours with explanations vs ours without: p50 {b['p50'] / c['p50']:.3f}x, "
                 f"throughput {b['rps'] / c['rps']:.3f}x"
             )
-            rounds = paired_rounds(report_dir, "explain", "noexplain")
+            rounds = paired_rounds(report_dir / "requests.jsonl", "explain", "noexplain")
             if rounds:
                 lines.append(
                     "- the same, round by round (throughput, p50): "
