@@ -78,6 +78,22 @@ class Server:
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
+    def worker_pids(self, model: str) -> list[int]:
+        """The process ids of ``model``'s workers that are ready (from the management API)."""
+        request = urllib.request.Request(
+            f"{self.management_url}/models/{model}", headers={"Authorization": f"Bearer {self.token('management')}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            described = json.loads(response.read())
+        return sorted(worker["pid"] for worker in described[0]["workers"] if worker["status"] == "READY")
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system, all threads) process ``pid`` has used, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # after the command, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def read_token(key_file: Path, kind: str = "inference") -> str:
     """The current ``inference`` or ``management`` key of TorchServe's ``key_file.json``.

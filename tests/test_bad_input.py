@@ -15,7 +15,7 @@ from PIL import Image
 
 from evaluation.photos import encode_image as encode
 from handler.config import Limits
-from tests.test_integration import batch_totals, batches_since, post, post_image, worker_pids
+from tests.test_integration import batch_totals, batches_since, post, post_image
 
 MODEL = "efficientnet_lite0"
 MAX_IMAGE_BYTES = Limits().max_image_bytes
@@ -42,7 +42,7 @@ def b64(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def pids(server) -> list[int]:
     """The model's worker PIDs before any bad request of this module."""
-    return worker_pids(server, MODEL)
+    return server.worker_pids(MODEL)
 
 
 BAD_INPUT = {
@@ -163,7 +163,7 @@ def test_bad_input_gets_a_clear_4xx_and_the_worker_survives(server, photos, pids
     body = response.json()
     assert body["code"] == status
     assert re.search(message, body["message"]), body["message"]
-    assert worker_pids(server, MODEL) == pids
+    assert server.worker_pids(MODEL) == pids
 
 
 def _gradient() -> Image.Image:
@@ -194,7 +194,7 @@ def test_unusual_image_modes_work(server, pids, mode):
         "dve": (224, 168),
         "targeted_dve": (224, 168),
     }
-    assert worker_pids(server, MODEL) == pids
+    assert server.worker_pids(MODEL) == pids
 
 
 def worker_rss_mb(pid: int) -> float:
@@ -215,6 +215,6 @@ def test_concurrent_worst_requests_are_refused_at_once_and_the_worker_stays_smal
     batches, ran = batches_since(server, MODEL, before, 3)
     assert ran == 3 and batches < 3, (batches, ran)  # at least two of them in one batch
     assert all("ask for a map_size of at most" in r.json()["message"] for r in responses)
-    assert worker_pids(server, MODEL) == pids
+    assert server.worker_pids(MODEL) == pids
     assert all(worker_rss_mb(pid) < 2048 for pid in pids)
     assert post_image(server, MODEL, photos["chelsea"]).status_code == 200

@@ -34,16 +34,6 @@ def png(entry: dict) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(entry["data"])))
 
 
-def worker_pids(server, model) -> list[int]:
-    response = requests.get(
-        f"{server.management_url}/models/{model}",
-        headers={"Authorization": f"Bearer {server.token('management')}"},
-        timeout=10,
-    )
-    response.raise_for_status()
-    return sorted(w["pid"] for w in response.json()[0]["workers"] if w["status"] == "READY")
-
-
 BATCH_SIZE_SAMPLE = re.compile(r"^DVEBatchSize_(count|sum)\{([^}]*)\} (\S+)$", re.M)
 
 
@@ -141,7 +131,7 @@ def test_options_by_json_and_by_multipart(server, photos):
 
 
 def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(server, photos):
-    pids = worker_pids(server, "efficientnet_lite0")
+    pids = server.worker_pids("efficientnet_lite0")
     good = lambda: post_image(server, "efficientnet_lite0", photos["chelsea"])  # noqa: E731
     bad = [
         lambda: post_image(server, "efficientnet_lite0", b""),
@@ -163,7 +153,7 @@ def test_bad_requests_fail_alone_in_a_concurrent_batch_and_the_worker_survives(s
     assert ran == len(calls) and batches < ran, (batches, ran)  # some requests shared a batch
     for response in responses[1 : 1 + len(bad)]:
         assert response.json()["code"] == 400 and response.json()["message"]
-    assert worker_pids(server, "efficientnet_lite0") == pids  # no worker restarted
+    assert server.worker_pids("efficientnet_lite0") == pids  # no worker restarted
     alone = post_image(server, "efficientnet_lite0", photos["chelsea"]).json()  # the normal answer
     for response in (responses[0], *responses[-2:]):
         body = response.json()

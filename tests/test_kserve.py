@@ -16,7 +16,7 @@ import yaml
 from serving import server as ts_server
 from serving.server import ROOT, read_properties
 from tests.conftest import INTEGRATION_PORT_BASE
-from tests.test_integration import post, worker_pids
+from tests.test_integration import post
 from tests.test_limits import largest_png  # noqa: F401  (a fixture: the largest image the handler accepts)
 
 MODEL = "efficientnet_lite0"
@@ -81,7 +81,7 @@ def test_v2_infer_carries_the_rest_json_in_its_output(kserve, server, photos):
 
 
 def test_each_input_tensor_is_answered_and_a_bad_one_sets_the_status(kserve, photos):
-    pids = worker_pids(kserve, MODEL)
+    pids = kserve.worker_pids(MODEL)
     inputs = [
         image_tensor("coffee", photos["coffee"], topk=1, explanations=[]),
         {"name": "bad", "shape": [1], "datatype": "BYTES", "data": ["not base64!"]},
@@ -95,7 +95,7 @@ def test_each_input_tensor_is_answered_and_a_bad_one_sets_the_status(kserve, pho
     ] == {}
     assert outputs["bad"] == {"code": 400, "type": "BadRequest", "message": "'image' is not valid base64"}
     assert outputs["floats"]["code"] == 400 and "datatype 'FP32'" in outputs["floats"]["message"]
-    assert worker_pids(kserve, MODEL) == pids
+    assert kserve.worker_pids(MODEL) == pids
 
 
 def test_the_largest_image_reaches_the_handler_as_a_v2_tensor(kserve, largest_png):  # noqa: F811
@@ -108,10 +108,10 @@ def test_the_largest_image_reaches_the_handler_as_a_v2_tensor(kserve, largest_pn
 def test_a_body_the_envelope_cannot_read_fails_alone(kserve, photos):
     """TorchServe's envelope itself fails on a body without ``inputs`` (503, before the
     handler runs); the worker survives and the next request is answered."""
-    pids = worker_pids(kserve, MODEL)
+    pids = kserve.worker_pids(MODEL)
     assert infer(kserve, {"image": "x"}).status_code == 503
     assert infer(kserve, {"inputs": [image_tensor("photo", photos["rocket"])]}).status_code == 200
-    assert worker_pids(kserve, MODEL) == pids
+    assert kserve.worker_pids(MODEL) == pids
 
 
 def test_the_inferenceservice_manifest_is_well_formed():

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
 from serving.load.checks import check_ours
 from serving.load.photos import load_mix
-from serving.load.runner import paired_rounds, run_locust, seconds, summarize
+from serving.load.runner import cpu_between, paired_rounds, run_locust, seconds, summarize, workers_cpu
 
 PHOTO = load_mix()[0]  # chelsea.jpg, 451 x 300
 
@@ -42,10 +43,14 @@ def test_durations_in_locust_syntax():
 
 def test_a_short_locust_run_of_the_mix_has_no_failure(server, tmp_path):
     results = tmp_path / "requests.jsonl"
+    before = workers_cpu(server, "efficientnet_lite0")
     code = run_locust(server, "mix", users=2, duration=8, prefix=tmp_path / "mix", results=results)
-    summary = summarize(results, {"mix": 8})["mix"]
+    cpu = cpu_between(before, workers_cpu(server, "efficientnet_lite0"))
+    summary = summarize(results, {"mix": 8}, {"mix": cpu})["mix"]
     # each user answered at least once (a loaded machine may allow no more in 8 s), none failed
     assert code == 0 and summary["requests"] >= 2 and summary["failures"] == 0, summary
+    # the worker's CPU per answer: at least a forward pass's worth, at most all of 8 s on every core
+    assert 5.0 < summary["worker_cpu_ms"] < 8000.0 * os.cpu_count() / summary["requests"], summary
     assert (tmp_path / "mix_stats.csv").exists()
     assert all(json.loads(line)["ok"] for line in results.read_text().splitlines())
 
@@ -61,3 +66,7 @@ def test_rounds_are_compared_phase_by_phase(tmp_path):
     results.write_text("".join(json.dumps(record) + "\n" for record in records))
     rounds = paired_rounds(results, "explain", "noexplain")
     assert rounds == [(0.5, 1.7), (1.0, 1.0)]
+
+
+def test_a_replaced_worker_counts_from_its_start():
+    assert cpu_between({10: 5.0, 11: 2.0}, {10: 7.5, 12: 1.0}) == 3.5

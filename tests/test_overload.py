@@ -15,7 +15,7 @@ import requests
 
 from serving import server as ts_server
 from tests.conftest import INTEGRATION_PORT_BASE
-from tests.test_integration import batch_totals, batches_since, post_image, worker_pids
+from tests.test_integration import batch_totals, batches_since, post_image
 
 MODEL = "efficientnet_lite0"
 BURST = 24
@@ -33,7 +33,7 @@ def test_a_burst_beyond_the_queue_gets_503_and_the_worker_survives(model_store, 
             port_base=INTEGRATION_PORT_BASE + 40,
             properties={"job_queue_size": "2"},
         )
-        pids = worker_pids(server, MODEL)
+        pids = server.worker_pids(MODEL)
         headers = {"Authorization": f"Bearer {server.token()}", "Content-Type": "image/jpeg"}
         start = threading.Barrier(BURST)
 
@@ -57,7 +57,7 @@ def test_a_burst_beyond_the_queue_gets_503_and_the_worker_survives(model_store, 
                 assert body["code"] == 503 and body["message"].startswith(QUEUE_FULL), body
             else:
                 assert len(body["predictions"]) == 5 and set(body["explanations"]) == {"dve", "targeted_dve"}
-        assert worker_pids(server, MODEL) == pids  # the same worker, not a replacement
+        assert server.worker_pids(MODEL) == pids  # the same worker, not a replacement
         assert post_image(server, MODEL, photos["chelsea"]).status_code == 200
     finally:
         ts_server.stop(run_dir)

@@ -17,7 +17,7 @@ from evaluation.photos import CAT_CLASSES
 from evaluation.photos import encode_image as encode
 from handler import imaging
 from tests.icc import display_profile
-from tests.test_integration import png, post, post_image, worker_pids
+from tests.test_integration import png, post, post_image
 
 MODEL = "efficientnet_lite0"
 ORIENTATION = 0x0112
@@ -73,7 +73,7 @@ def cat(photos) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def pids(server) -> list[int]:
-    return worker_pids(server, MODEL)
+    return server.worker_pids(MODEL)
 
 
 FILES = {
@@ -105,7 +105,7 @@ def test_the_photos_people_send_are_answered(server, cat, pids, name):
         assert png(entry).size == (entry["width"], entry["height"]) == expected
     x0, y0, x1, y1 = body["explanations"]["targeted_dve"]["box"]
     assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
-    assert worker_pids(server, MODEL) == pids
+    assert server.worker_pids(MODEL) == pids
 
 
 def test_a_display_p3_photo_is_answered_as_its_srgb_original(server, cat):
@@ -133,4 +133,4 @@ def test_a_heic_is_mixed_with_a_bad_request_in_one_batch(server, cat, pids):
     assert "not an image in a format the server reads" in responses[1].json()["message"]  # libheif refuses its header
     assert "'topk' must be an integer" in responses[2].json()["message"]
     assert len(responses[3].json()["predictions"]) == 2
-    assert worker_pids(server, MODEL) == pids
+    assert server.worker_pids(MODEL) == pids

@@ -156,8 +156,10 @@ def run_locust(server: ts_server.Server, scenario: str, users: int, duration: in
     return start_locust(server, scenario, users, duration, prefix, results).wait()
 
 
-def summarize(results: Path, durations: dict[str, int]) -> dict[str, dict]:
-    """Per scenario: count, failures, throughput, p50/p95/p99 over every request of every round.
+def summarize(results: Path, durations: dict[str, int], worker_cpu: dict[str, float] | None = None) -> dict[str, dict]:
+    """Per scenario: count, failures, throughput, p50/p95/p99 over every request of every round,
+    and the CPU time its model's workers spent per answer where ``worker_cpu`` (seconds per
+    scenario) gives it.
 
     A 503 that the user sent again (``retried``, see serving/load/users.py) is no answer: it is
     counted apart (``retried_503``), and the attempt that followed it counts instead.
@@ -183,7 +185,20 @@ def summarize(results: Path, durations: dict[str, int]) -> dict[str, dict]:
             "p99": percentile(times, 99),
             "mean_bytes": sum(r["bytes"] for r in records) / len(records),
         }
+        if worker_cpu and scenario in worker_cpu:
+            summary[scenario]["worker_cpu_ms"] = 1000.0 * worker_cpu[scenario] / len(records)
     return summary
+
+
+def workers_cpu(server: ts_server.Server, model: str) -> dict[int, float]:
+    """CPU seconds used so far by each of ``model``'s workers, by process id."""
+    return {pid: ts_server.cpu_seconds(pid) for pid in server.worker_pids(model)}
+
+
+def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the workers used between two ``workers_cpu`` readings; a worker that was
+    replaced in between counts from its start."""
+    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
 
 
 def paired_rounds(results: Path, first: str, second: str) -> list[tuple[float, float]]:
@@ -281,6 +296,12 @@ def report(summary: dict, args: argparse.Namespace, report_dir: Path) -> str:
                 f"- ours with explanations vs ours without: p50 {b['p50'] / c['p50']:.3f}x, "
                 f"throughput {b['rps'] / c['rps']:.3f}x"
             )
+            if "worker_cpu_ms" in b and "worker_cpu_ms" in c:
+                lines.append(
+                    f"- the worker's CPU time per answer, ours with explanations vs without: "
+                    f"{b['worker_cpu_ms']:.1f} ms / {c['worker_cpu_ms']:.1f} ms "
+                    f"({b['worker_cpu_ms'] / c['worker_cpu_ms']:.3f}x)"
+                )
             rounds = paired_rounds(report_dir / "requests.jsonl", "explain", "noexplain")
             if rounds:
                 lines.append(
@@ -310,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = ROOT / "build" / "loadtest" / "server"
     results = report_dir / "requests.jsonl"
     durations: dict[str, int] = {}
+    worker_cpu: dict[str, float] = {}
     failed = False
     env = {"OMP_NUM_THREADS": str(args.torch_threads)} if args.torch_threads else None
     server = ts_server.start([OURS, NO_MAPS, STOCK], run_dir=run_dir, model_store=store, port_base=PORT_BASE, env=env)
@@ -324,16 +346,19 @@ def run(args: argparse.Namespace) -> int:
             if not args.no_ig:
                 phases.append(("stock-explain", 1, args.compare_seconds))
         for i, (scenario, users, duration) in enumerate(phases):
+            model = TARGETS[scenario][0] if scenario in TARGETS else OURS
+            before = workers_cpu(server, model)
             code = run_locust(server, scenario, users, duration, report_dir / f"{i:02d}-{scenario}", results)
             failed |= code != 0
             durations[scenario] = durations.get(scenario, 0) + duration
+            worker_cpu[scenario] = worker_cpu.get(scenario, 0.0) + cpu_between(before, workers_cpu(server, model))
     finally:
         ts_server.stop(run_dir)
     if (report_dir / "00-mix_stats_history.csv").exists():
         plot_history(
             report_dir / "00-mix_stats_history.csv", report_dir / "latency.png", f"Load test: mix, {args.users} users"
         )
-    summary = summarize(results, durations)
+    summary = summarize(results, durations, worker_cpu)
     print("\n" + report(summary, args, report_dir))
     failures = sum(s["failures"] for s in summary.values())
     if failed or failures:
