@@ -78,14 +78,18 @@ class Server:
     def log_dir(self) -> Path:
         return self.run_dir / "logs"
 
-    def worker_pids(self, model: str) -> list[int]:
-        """The process ids of ``model``'s workers that are ready (from the management API)."""
+    def workers(self, model: str) -> list[dict]:
+        """``model``'s workers as the management API describes them (``pid``, ``status``, ...)."""
         request = urllib.request.Request(
             f"{self.management_url}/models/{model}", headers={"Authorization": f"Bearer {self.token('management')}"}
         )
         with urllib.request.urlopen(request, timeout=10) as response:
-            described = json.loads(response.read())
-        return sorted(worker["pid"] for worker in described[0]["workers"] if worker["status"] == "READY")
+            workers: list[dict] = json.loads(response.read())[0]["workers"]
+        return workers
+
+    def worker_pids(self, model: str) -> list[int]:
+        """The process ids of ``model``'s workers that are ready."""
+        return sorted(worker["pid"] for worker in self.workers(model) if worker["status"] == "READY")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -12,7 +12,6 @@ import os
 import signal
 import statistics
 import time
-import urllib.request
 from pathlib import Path
 
 import requests
@@ -47,20 +46,12 @@ def start(models: list[str]) -> ts_server.Server:
     return ts_server.start(models, run_dir=RUN_DIR, model_store=STORE, port_base=PORT_BASE)
 
 
-def workers(server: ts_server.Server, model: str) -> list[dict]:
-    request = urllib.request.Request(
-        f"{server.management_url}/models/{model}", headers={"Authorization": f"Bearer {server.token('management')}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())[0]["workers"]
-
-
 def wait_for_new_worker(server: ts_server.Server, model: str, old_pid: int, timeout: float = 120.0) -> float:
     """Waits until a READY worker with another PID serves ``model``; returns that moment."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if any(w["status"] == "READY" and w["pid"] != old_pid for w in workers(server, model)):
+            if any(w["status"] == "READY" and w["pid"] != old_pid for w in server.workers(model)):
                 return time.time()
         except OSError:
             pass
@@ -106,7 +97,7 @@ def kill_worker(report: Path, users: int) -> bool:
     try:
         locust = start_locust(server, "explain", users, 45, report / "kill-worker", results)
         time.sleep(15)
-        (worker,) = workers(server, OURS)
+        (worker,) = server.workers(OURS)
         killed = time.time()
         os.kill(worker["pid"], signal.SIGKILL)
         ready = wait_for_new_worker(server, OURS, worker["pid"])
@@ -146,7 +137,7 @@ def timeout(report: Path) -> bool:
     try:
         token = {"Authorization": f"Bearer {server.token()}"}
         big = load_sizes()[-1]  # 4000 x 2667 JPEG
-        (before,) = workers(server, SLOW)
+        (before,) = server.workers(SLOW)
         url = f"{server.inference_url}/predictions/{SLOW}"
         started = time.time()
         slow = requests.post(
@@ -193,7 +184,7 @@ def soak(report: Path, users: int, minutes: float) -> bool:
         locust = start_locust(server, "mix", users, duration, report / "soak", results)
         started = time.time()
         while locust.poll() is None:
-            (worker,) = workers(server, OURS)
+            (worker,) = server.workers(OURS)
             samples.append((time.time() - started, worker["pid"], worker_rss_mb(worker["pid"])))
             time.sleep(10)
         code = locust.returncode

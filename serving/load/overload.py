@@ -15,7 +15,6 @@ from pathlib import Path
 
 from serving import server as ts_server
 from serving.archive import ArchiveOptions
-from serving.load.faults import workers
 from serving.load.runner import OURS, build_or_exit, start_locust
 from serving.stats import percentile
 
@@ -145,9 +144,9 @@ def measure(
             for attempt in range(1 + repeats):
                 if quiet is not None:
                     wait_for_quiet(server, quiet)
-                (before,) = [w["pid"] for w in workers(server, OURS)]
+                (before,) = [w["pid"] for w in server.workers(OURS)]
                 records, cpu = run_phase(server, n, seconds, report_dir / f"q{queue_size}-u{n}-{attempt}", pause)
-                after = [w["pid"] for w in workers(server, OURS)]
+                after = [w["pid"] for w in server.workers(OURS)]
                 row = {"queue": queue_size, "users": n, "seconds": seconds, **summarize(records, seconds)}
                 row.update(worker_pid_before=before, worker_pids_after=after, worker_replaced=after != [before], **cpu)
                 row["busy_repeats"] = attempt

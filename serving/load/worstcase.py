@@ -136,12 +136,7 @@ class Worker:
         self.pid = self.current_pid()
 
     def current_pid(self) -> int:
-        response = requests.get(
-            f"{self.server.management_url}/models/{MODEL}",
-            headers={"Authorization": f"Bearer {self.server.token('management')}"},
-            timeout=10,
-        )
-        return response.json()[0]["workers"][0]["pid"]
+        return self.server.workers(MODEL)[0]["pid"]
 
     def _status(self, field: str) -> float:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
