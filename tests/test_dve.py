@@ -358,3 +358,15 @@ def test_explain_matches_the_slow_reference_end_to_end(case):
 def test_explain_of_an_empty_map_has_no_box():
     got = dve.explain(torch.zeros(1, 4, 7, 7), DVEParams(), (32, 32))
     assert got.dve.abs().sum() == 0 and got.targeted.abs().sum() == 0 and not got.box_valid[0]
+
+
+def test_salient_boxes_of_an_unclipped_upsampling_equal_those_of_the_clipped_one():
+    """explain() skips clipping the box's upsampling: overshoot above 1 and below 0 must not move the box."""
+    generator = torch.Generator().manual_seed(7)
+    maps = dve.normalize_maps(torch.rand(6, 7, 7, generator=generator) ** 4)
+    unclipped = dve._bicubic_upsample(maps, (224, 160))
+    assert unclipped.max() > 1.0 and unclipped.min() < 0.0  # the case under test does occur
+    for threshold in (0.2, 0.5, 1.0):
+        boxes, valid = dve.salient_boxes(unclipped, threshold)
+        expected, expected_valid = dve.salient_boxes(unclipped.clamp(0.0, 1.0), threshold)
+        assert torch.equal(boxes, expected) and torch.equal(valid, expected_valid)
