@@ -76,24 +76,40 @@ def render_maps(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int
         ``C x height x width`` tensor in [0, 1] on the maps' device: bicubic inside the
         crop (sampled at each output pixel's centre), zero where the model saw nothing.
     """
-    place = (geometry.height, geometry.top, geometry.width, geometry.left, geometry.side)
-    return _render(maps, np.array([place] * len(maps), dtype=np.float64), size)
+    return _render(maps, [geometry] * len(maps), size)
 
 
-def _render(grids: torch.Tensor, places: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """G maps (G x h x w), each over its own crop: ``places`` is G x 5 (height, top, width,
-    left, side) in original pixels. One batched ``rows @ map @ columns.T``: G x height x width."""
+def render_levels(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int]) -> torch.Tensor:
+    """``render_maps`` as uint8 grey levels (``to_uint8`` of it, within one level where
+    float rounding falls either way): what PNGs and overlays are made of."""
+    return _render(maps, [geometry] * len(maps), size, levels=True)
+
+
+def _render(
+    grids: torch.Tensor, geometries: list[CropGeometry], size: tuple[int, int], *, levels: bool = False
+) -> torch.Tensor:
+    """G maps (G x h x w), each over its own crop (``geometries``). One batched
+    ``rows @ map @ columns.T``: G x height x width, floats in [0, 1], or with ``levels``
+    uint8 grey levels."""
     out_w, out_h = size
     _, h, w = grids.shape
-    rows = batched_bicubic_weights(out_h, places[:, [0, 1, 4]], h, grids.device)
-    columns = batched_bicubic_weights(out_w, places[:, [2, 3, 4]], w, grids.device)
-    return (rows @ grids.float() @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
+    rows = batched_bicubic_weights(out_h, [(g.height, g.top, g.side) for g in geometries], h, grids.device)
+    columns = batched_bicubic_weights(out_w, [(g.width, g.left, g.side) for g in geometries], w, grids.device)
+    if not levels:
+        return (rows @ grids.float() @ columns.transpose(1, 2)).clamp_(0.0, 1.0)
+    # 255 x the map + 0.5 from the second product itself, clipped, then truncated: the
+    # rounding of to_uint8, in two passes over the picture instead of four.
+    half = torch.full((), 0.5, device=grids.device)
+    scaled = torch.baddbmm(half, rows @ grids.float(), columns.transpose(1, 2), alpha=255.0)
+    return scaled.clamp_(0.5, 255.5).to(torch.uint8)
 
 
-def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device: torch.device) -> torch.Tensor:
+def batched_bicubic_weights(
+    out_n: int, axes: list[tuple[float, float, float]], n_in: int, device: torch.device
+) -> torch.Tensor:
     """``out_n x n_in`` weights sampling a crop of ``n_in`` cells along one axis, for G crops at once.
 
-    ``geometry`` is G x 3 (full, start, side): output pixel i is centred at
+    ``axes`` holds G (full, start, side): output pixel i is centred at
     ``(i + 0.5) * full / out_n`` original pixels, the crop spans ``[start, start + side]``;
     rows of pixels outside the crop are zero. Returns G x out_n x n_in on ``device``.
     Small ones (default-size maps) come from a cache: a server sees the same few photo
@@ -101,8 +117,8 @@ def batched_bicubic_weights(out_n: int, geometry: np.ndarray, n_in: int, device:
     than the drawing itself at batch 1.
     """
     if out_n * n_in > CACHED_WEIGHTS_MAX_VALUES:
+        geometry = np.array(axes, dtype=np.float64)
         return torch.from_numpy(_axis_weights(out_n, geometry, n_in)).to(device, non_blocking=True)
-    axes = [(float(full), float(start), float(side)) for full, start, side in geometry]
     if len(set(axes)) == 1:  # one photo's maps (or photos of one size): one matrix for all
         return _cached_axis_weights(out_n, *axes[0], n_in, device)[None].expand(len(axes), -1, -1)
     return torch.stack([_cached_axis_weights(out_n, *axis, n_in, device) for axis in axes])
@@ -140,10 +156,9 @@ def _axis_weights(out_n: int, geometry: np.ndarray, n_in: int) -> np.ndarray:
     return np.asarray(weights, dtype=np.float32)
 
 
-def to_uint8(map01: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
-    """[0, 1] values as uint8 levels, on their device (``in_place``: scaling ``map01`` itself)."""
-    scaled = map01.mul_(255.0) if in_place else map01 * 255.0
-    return scaled.add_(0.5).to(torch.uint8)
+def to_uint8(map01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] values as uint8 levels, on their device."""
+    return (map01 * 255.0).add_(0.5).to(torch.uint8)
 
 
 @lru_cache(maxsize=8)
@@ -197,9 +212,9 @@ def draw(drawings: list[Drawing]) -> list[np.ndarray | Exception]:
     output size are drawn together; if a group fails (out of memory, say), each of its
     maps is tried alone, so that a failure stays with the requests it belongs to.
     """
-    groups: dict[tuple[int, int, int, int], list[int]] = {}
+    groups: dict[tuple[int, int, int, int, bool], list[int]] = {}
     for i, drawing in enumerate(drawings):
-        groups.setdefault((*drawing.grid.shape, *drawing.size), []).append(i)
+        groups.setdefault((*drawing.grid.shape, *drawing.size, drawing.format == "array"), []).append(i)
     blocks: list[tuple[list[int], torch.Tensor]] = []
     failed: dict[int, Exception] = {}
     for members in groups.values():
@@ -215,32 +230,26 @@ def draw(drawings: list[Drawing]) -> list[np.ndarray | Exception]:
 
 
 def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[int], torch.Tensor]]:
-    """Maps of one grid and output size, drawn by one batched product.
+    """Maps of one grid and output size, either all ``array`` or none, drawn by one batched product.
 
     Returns blocks of (drawing indices, their pictures stacked): float maps for ``array``,
     uint8 levels for ``png``, uint8 RGB for ``overlay``.
     """
     group = [drawings[i] for i in members]
     device = group[0].grid.device
-    places = np.array(
-        [(d.geometry.height, d.geometry.top, d.geometry.width, d.geometry.left, d.geometry.side) for d in group],
-        dtype=np.float64,
-    )
-    pictures = _render(torch.stack([d.grid for d in group]), places, group[0].size)
-    blocks = []
-    for fmt in ("array", "png", "overlay"):
-        chosen = [k for k, d in enumerate(group) if d.format == fmt]
-        if not chosen:
-            continue
-        # Either every picture of the group has this format, or indexing made a copy: the
-        # floats picked are this format's alone, so they are scaled in place.
-        picked = pictures if len(chosen) == len(group) else pictures[chosen]
-        if fmt == "png":
-            picked = to_uint8(picked, in_place=True)
-        elif fmt == "overlay":
-            photos = torch.stack([group[k].photo for k in chosen]).to(device, non_blocking=True)  # type: ignore[misc]
-            picked = blend(to_uint8(picked, in_place=True), photos)
-        blocks.append(([members[k] for k in chosen], picked))
+    geometries = [d.geometry for d in group]
+    grids = torch.stack([d.grid for d in group])
+    if group[0].format == "array":
+        return [(members, _render(grids, geometries, group[0].size))]
+    levels = _render(grids, geometries, group[0].size, levels=True)
+    overlays = [k for k, d in enumerate(group) if d.format == "overlay"]
+    if not overlays:
+        return [(members, levels)]
+    photos = torch.stack([group[k].photo for k in overlays]).to(device, non_blocking=True)  # type: ignore[misc]
+    blocks = [([members[k] for k in overlays], blend(levels[overlays], photos))]
+    maps = [k for k, d in enumerate(group) if d.format != "overlay"]
+    if maps:
+        blocks.append(([members[k] for k in maps], levels[maps]))
     return blocks
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from handler import rendering
 from handler.imaging import CropGeometry
-from handler.rendering import Drawing, draw, overlay, render_maps
+from handler.rendering import Drawing, draw, overlay, render_levels, render_maps
 
 
 def grid_sample_reference(maps: torch.Tensor, geometry: CropGeometry, size: tuple[int, int]) -> torch.Tensor:
@@ -45,6 +45,9 @@ def test_drawing_equals_grid_sample(width, height, size, cells):
     assert (drawn - expected).abs().max() < 1e-4
     levels = (rendering.to_uint8(drawn).int() - rendering.to_uint8(expected).int()).abs()
     assert levels.max() <= 1  # within one grey level where rounding falls either way
+    # The levels PNGs are made of, rounded inside the product, are the same within one level.
+    levels = (render_levels(maps, geometry, size).int() - rendering.to_uint8(expected).int()).abs()
+    assert levels.max() <= 1 and (levels > 0).float().mean() < 0.01
 
 
 def test_rendered_map_covers_the_image_and_is_zero_outside_the_crop():
@@ -89,7 +92,7 @@ def test_a_batch_is_drawn_as_each_map_alone_and_copied_in_order():
             expected = render_maps(drawing.grid[None], drawing.geometry, drawing.size)[0].double().numpy().round(4)
             assert picture.shape == (height, width) and np.array_equal(picture, expected)
         else:
-            levels = rendering.to_uint8(render_maps(drawing.grid[None], drawing.geometry, drawing.size)[0]).numpy()
+            levels = render_levels(drawing.grid[None], drawing.geometry, drawing.size)[0].numpy()
             if drawing.format == "png":
                 assert np.array_equal(picture, levels)
             else:
