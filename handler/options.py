@@ -150,7 +150,10 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
         return _tensor_fields(data)
     body_keys = [key for key in BODY_KEYS if key in data]
     if not body_keys:
-        return {key: _text_field(value) if key != "image" else value for key, value in data.items()}
+        fields = {key: _text_field(value) if key != "image" else value for key, value in data.items()}
+        if isinstance(fields.get("image"), str):  # TorchServe decodes text/* parts that are UTF-8
+            fields["image"] = _form_image_text(fields["image"])
+        return fields
     if len(data) > 1:
         raise RequestError(f"send either a body or form fields, not both (got {sorted(data)})")
     body = data[body_keys[0]]
@@ -170,6 +173,17 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
                 'image/png or application/octet-stream, or JSON {"image": "<base64>"}'
             ) from None
     return {"image": body}
+
+
+def _form_image_text(text: str) -> bytes:
+    """A form's 'image' part that arrived as text: only base64 text can be an image."""
+    try:
+        return _image_bytes(text)
+    except RequestError:
+        raise RequestError(
+            "form field 'image' is text, not an image: send the image file with Content-Type image/jpeg, "
+            "image/png or application/octet-stream, or its base64"
+        ) from None
 
 
 def _json_body(body: bytes) -> Any:

@@ -62,6 +62,10 @@ def test_no_explanations_can_be_asked_for(value):
     assert parse({"body": {"image": B64, "explanations": value}}).options.explanations == ()
 
 
+def test_a_form_image_part_sent_as_base64_text_is_accepted():
+    assert parse({"image": B64, "topk": "2"}).image == IMAGE
+
+
 def test_data_url_base64_is_accepted():
     assert parse({"body": {"image": "data:image/jpeg;base64," + B64}}).image == IMAGE
 
@@ -89,6 +93,7 @@ def test_data_url_base64_is_accepted():
         ({"image": bytearray(IMAGE), "topk": b"\xff\xfe"}, None, 400, "UTF-8"),
         ({"body": bytearray(IMAGE), "topk": "3"}, None, 400, "either a body or form fields"),
         ({"body": "a text file\n"}, "text/plain", 400, "the body is text, not an image"),
+        ({"image": "Dear user,\na text file.\n", "topk": "3"}, None, 400, "form field 'image' is text, not an image"),
         ({"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0]}, None, 400, "datatype 'FP32'"),
         (
             {"name": "x", "datatype": "BYTES", "shape": [1], "data": B64, "parameters": {"image": B64}},
