@@ -246,11 +246,13 @@ def _draw_group(drawings: list[Drawing], members: list[int]) -> list[tuple[list[
     if not overlays:
         return [(members, levels)]
     photos = torch.stack([group[k].photo for k in overlays]).to(device, non_blocking=True)  # type: ignore[misc]
-    blocks = [([members[k] for k in overlays], blend(levels[overlays], photos))]
+    if len(overlays) == len(group):  # no copy of the levels: a worst case's overlays are large
+        return [(members, blend(levels, photos))]
     maps = [k for k, d in enumerate(group) if d.format != "overlay"]
-    if maps:
-        blocks.append(([members[k] for k in maps], levels[maps]))
-    return blocks
+    return [
+        ([members[k] for k in overlays], blend(levels[overlays], photos)),
+        ([members[k] for k in maps], levels[maps]),
+    ]
 
 
 def _to_host(
