@@ -274,9 +274,8 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     matrices are that interpolation of the unit vectors (built once per shape): the same
     values, a tenth of the time on a CPU.
     """
-    if maps.shape[-2:] == tuple(size):
-        return maps
-    return _bicubic_upsample(maps, size).clamp_(0.0, 1.0)
+    upsampled = _bicubic_upsample(maps, size)
+    return maps if upsampled is maps else upsampled.clamp_(0.0, 1.0)
 
 
 def _bicubic_upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
