@@ -151,8 +151,8 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
     body_keys = [key for key in BODY_KEYS if key in data]
     if not body_keys:
         fields = {key: _text_field(value) if key != "image" else value for key, value in data.items()}
-        if isinstance(fields.get("image"), str):  # TorchServe decodes text/* parts that are UTF-8
-            fields["image"] = _form_image_text(fields["image"])
+        if isinstance(fields.get("image"), str):
+            fields["image"] = _image_from_text(fields["image"], "form field 'image'", "its base64")
         return fields
     if len(data) > 1:
         raise RequestError(f"send either a body or form fields, not both (got {sorted(data)})")
@@ -164,25 +164,20 @@ def _fields(data: Mapping[str, Any], content_type: str | None) -> dict[str, Any]
         return dict(body)
     if is_json:
         raise RequestError('a JSON body must be an object such as {"image": "<base64>", "topk": 5}')
-    if isinstance(body, str):  # TorchServe decodes text/* bodies: only base64 text can be an image
-        try:
-            return {"image": _image_bytes(body)}
-        except RequestError:
-            raise RequestError(
-                "the body is text, not an image: send the image's bytes with Content-Type image/jpeg, "
-                'image/png or application/octet-stream, or JSON {"image": "<base64>"}'
-            ) from None
+    if isinstance(body, str):
+        return {"image": _image_from_text(body, "the body", 'JSON {"image": "<base64>"}')}
     return {"image": body}
 
 
-def _form_image_text(text: str) -> bytes:
-    """A form's 'image' part that arrived as text: only base64 text can be an image."""
+def _image_from_text(text: str, what: str, other_way: str) -> bytes:
+    """An image part or body that TorchServe handed over as text (it decodes text/* ones
+    that are valid UTF-8, which no binary image is): only base64 text can be an image."""
     try:
         return _image_bytes(text)
     except RequestError:
         raise RequestError(
-            "form field 'image' is text, not an image: send the image file with Content-Type image/jpeg, "
-            "image/png or application/octet-stream, or its base64"
+            f"{what} is text, not an image: send the image's bytes with Content-Type image/jpeg, "
+            f"image/png or application/octet-stream, or {other_way}"
         ) from None
 
 
